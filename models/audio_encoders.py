@@ -1,0 +1,124 @@
+"""Audio encoders: log-mel ``(B, T, n_mels)`` + lengths ``(B,)`` -> clip embedding ``(B, out_dim)``."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from utils.registry import Registry
+from utils.strict_model import StrictModel
+
+log = logging.getLogger(__name__)
+
+AUDIO_ENCODERS: Registry[type[nn.Module]] = Registry("audio encoder")
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 conv + batch-norm + ReLU layers, then 2x2 average pooling (the PANNs block).
+
+    ``valid`` ``(B, 1, T, 1)`` zeroes padded frames after each layer, so the convolutions see
+    the same zeros at a clip's end whether or not the clip was padded in its batch.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pool: int = 2) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x))) * valid
+        x = F.relu(self.bn2(self.conv2(x))) * valid
+        return F.avg_pool2d(x, self.pool) if self.pool > 1 else x
+
+
+def time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """``(B,)`` valid lengths -> ``(B, 1, steps, 1)`` float mask of valid time steps."""
+    return (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]).float()[:, None, :, None]
+
+
+def masked_time_pool(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean + max over the valid time steps only.
+
+    ``x``: ``(B, C, T')`` features after downsampling; ``lengths``: ``(B,)`` valid steps of each row.
+    Padding frames must not leak into the clip embedding, or a clip's embedding would depend
+    on the longest clip it happened to be batched with.
+    """
+    steps = torch.arange(x.size(-1), device=x.device)
+    valid = (steps[None, :] < lengths[:, None])[:, None, :]  # (B, 1, T')
+    mean = (x * valid).sum(-1) / lengths[:, None].clamp(min=1)
+    peak = x.masked_fill(~valid, float("-inf")).amax(-1)
+    return mean + peak
+
+
+class ConvStackEncoder(nn.Module):
+    """PANNs-style stack: mel batch-norm, ``ConvBlock``s, mean over frequency, masked time pooling, fc."""
+
+    def __init__(self, n_mels: int, channels: list[int], out_dim: int, dropout: float, last_pool: int = 2) -> None:
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(n_mels)
+        pools = [2] * (len(channels) - 1) + [last_pool]
+        ins = [1] + channels[:-1]
+        for i, (c_in, c_out, pool) in enumerate(zip(ins, channels, pools), start=1):
+            self.add_module(f"conv_block{i}", ConvBlock(c_in, c_out, pool))
+        self.pools = pools
+        self.dropout = dropout
+        self.fc1 = nn.Linear(channels[-1], out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, M) -> (B, 1, T, M); batch-norm over mel bands as in PANNs (bn0 sees M as channels).
+        x = self.bn0(x.unsqueeze(1).transpose(1, 3)).transpose(1, 3) * time_mask(lengths, x.size(1))
+        for i, pool in enumerate(self.pools, start=1):
+            x = getattr(self, f"conv_block{i}")(x, time_mask(lengths, x.size(2)))
+            x = F.dropout(x, self.dropout, self.training)
+            lengths = torch.div(lengths, pool, rounding_mode="floor").clamp(min=1)  # frames left after pooling
+        x = x.mean(dim=3)  # (B, C, T'): average over frequency
+        x = masked_time_pool(x, lengths.clamp(max=x.size(-1)))  # (B, C)
+        x = F.dropout(x, self.dropout, self.training)
+        return F.relu(self.fc1(x))
+
+
+@AUDIO_ENCODERS.register
+class CNN14Encoder(ConvStackEncoder):
+    """PANNs CNN14 (Kong et al. 2020) up to its 2048-d ``fc1`` embedding.
+
+    Layer names match the PANNs checkpoint, so ``preprocessing/cnn14_transfer.py`` output loads
+    directly through ``weight``. Expects 64 mel bands like the pretrained model.
+    """
+
+    class Config(StrictModel):
+        name: Literal["CNN14Encoder"] = "CNN14Encoder"
+        weight: Path | None = None  # safetensors file written by preprocessing/cnn14_transfer.py
+        trainable: bool = True
+        dropout: float = 0.2
+
+    def __init__(self, n_mels: int, weight: Path | None = None, trainable: bool = True, dropout: float = 0.2) -> None:
+        super().__init__(n_mels, [64, 128, 256, 512, 1024, 2048], out_dim=2048, dropout=dropout, last_pool=1)
+        if weight is not None:
+            self.load_state_dict(load_file(str(weight)))
+            log.info("CNN14Encoder: loaded pretrained weights from %s", weight)
+        self.requires_grad_(trainable)
+
+
+@AUDIO_ENCODERS.register
+class SmallCNNEncoder(ConvStackEncoder):
+    """A narrow CNN14-shaped encoder that trains in minutes on a CPU (the demo and tests use it)."""
+
+    class Config(StrictModel):
+        name: Literal["SmallCNNEncoder"] = "SmallCNNEncoder"
+        channels: list[int] = [16, 32, 64, 128]
+        out_dim: int = 256
+        dropout: float = 0.1
+
+    def __init__(self, n_mels: int, channels: list[int] = (16, 32, 64, 128), out_dim: int = 256, dropout: float = 0.1) -> None:
+        if not channels:
+            raise ValueError("SmallCNNEncoder needs at least one channel width")
+        super().__init__(n_mels, list(channels), out_dim=out_dim, dropout=dropout)

@@ -1,0 +1,107 @@
+"""Embed every clip and caption of a split once and save the ``(n_audio, n_captions)`` score matrix.
+
+With no arguments it scores the evaluation split with the checkpoint named by the latest
+experiment's ``best.json`` and writes ``{split}_scores.h5`` beside it. ``--untrained`` scores
+a freshly initialised model of the same config instead: the chance-level reference.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
+
+from utils.config import ConfigError, load_raw, validate  # noqa: E402
+from utils.experiments import latest_best_file, read_best  # noqa: E402
+from utils.runtime import resolve_device, seed_everything, setup_logging  # noqa: E402
+from utils.training import SplitEmbeddings, build_model, embed_split, load_trained_model  # noqa: E402
+
+log = logging.getLogger("xmodal_scores")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf.yaml"
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments naming which model to score, shared with ``xmodal_retrieval.py``."""
+    parser.add_argument("--best", type=Path, help="best.json of an experiment (default: the latest under ray_conf.storage_path)")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint.pt to score instead of best.json's")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config whose ray_conf.storage_path holds the experiments (default: conf.yaml)")
+    parser.add_argument("--split", help="split to score (default: the config's data.eval_split)")
+    parser.add_argument("--untrained", action="store_true", help="score a randomly initialised model with the same config (chance reference)")
+    parser.add_argument("--out-dir", type=Path, help="output folder (default: the experiment folder, or the checkpoint's folder)")
+
+
+def resolve_source(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(checkpoint file, output folder)`` from ``--checkpoint``, ``--best`` or the latest experiment."""
+    if args.checkpoint:
+        return args.checkpoint, args.out_dir or args.checkpoint.parent
+    best_file = args.best or latest_best_file(validate(load_raw(args.config)).ray_conf.storage_path)
+    return Path(read_best(best_file)["checkpoint"]), args.out_dir or best_file.parent
+
+
+def scores_file(out_dir: Path, split: str, untrained: bool) -> Path:
+    return out_dir / f"{split}_scores{'_untrained' if untrained else ''}.h5"
+
+
+def compute_embeddings(checkpoint: Path, split: str | None, untrained: bool) -> tuple[SplitEmbeddings, str]:
+    """Embeddings of ``split`` (default: the config's eval split) under the checkpoint's model; returns the split too."""
+    device = resolve_device("auto")
+    model, config = load_trained_model(checkpoint, device)
+    if untrained:
+        seed_everything(config.seed)
+        model = build_model(config, device)
+    split = split or config.data.eval_split
+    log.info("embedding %s split of %s with the %s model", split, config.data.dataset_dir, "untrained" if untrained else "trained")
+    return embed_split(model, config.data.dataset_dir, split, device, config.param_conf.batch_size), split
+
+
+def save_scores(path: Path, embeds: SplitEmbeddings) -> None:
+    """Write scores, file names, captions and caption->clip rows to HDF5 (atomically)."""
+    partial_file = path.with_suffix(".h5.partial")
+    text = h5py.string_dtype()
+    with h5py.File(partial_file, "w") as f:
+        f.create_dataset("scores", data=embeds.scores().numpy())
+        f.create_dataset("fname", data=np.array(embeds.fnames, dtype=object), dtype=text)
+        f.create_dataset("caption", data=np.array(embeds.captions, dtype=object), dtype=text)
+        f.create_dataset("caption_audio", data=embeds.caption_audio.numpy())
+    os.replace(partial_file, path)
+
+
+def load_scores(path: Path) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+    """``(scores (n_audio, n_captions), fnames, captions, caption_audio (n_captions,))`` from ``save_scores``."""
+    with h5py.File(path, "r") as f:
+        return (f["scores"][:], [s.decode() for s in f["fname"][:]], [s.decode() for s in f["caption"][:]], f["caption_audio"][:])
+
+
+def write_scores(args: argparse.Namespace) -> Path:
+    """Score the requested split and return the scores file."""
+    checkpoint, out_dir = resolve_source(args)
+    embeds, split = compute_embeddings(checkpoint, args.split, args.untrained)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = scores_file(out_dir, split, args.untrained)
+    save_scores(path, embeds)
+    log.info("%s: %d clips x %d captions -> %s", split, len(embeds.fnames), len(embeds.captions), path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser)
+    args = parser.parse_args()
+    setup_logging()
+    torch.set_grad_enabled(False)
+    try:
+        write_scores(args)
+    except (ConfigError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

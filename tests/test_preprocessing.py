@@ -1,0 +1,95 @@
+import hashlib
+import logging
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from conftest import REPO_ROOT, index_dataset
+from preprocessing.audio_logmel import extract_split
+from preprocessing.clotho_dataset import index_split
+from preprocessing.demo_dataset import write_demo_dataset
+from utils.config import FeatureConfig
+from utils.data import LogmelStore, logmel_file, read_text_embeds, text_embeds_file
+
+FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
+
+
+def digest(folder):
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
+
+def test_demo_dataset_is_deterministic_and_clotho_shaped(tmp_path):
+    write_demo_dataset(tmp_path / "a", {"development": 6}, seed=3)
+    write_demo_dataset(tmp_path / "b", {"development": 6}, seed=3)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    captions = pd.read_csv(tmp_path / "a" / "development_captions.csv")
+    assert list(captions.columns) == ["fname", "raw_text", "text"]
+    assert captions.groupby("fname").size().eq(5).all() and captions["fname"].nunique() == 6
+    assert captions["raw_text"].nunique() > 20  # paraphrases, not copies
+
+
+@pytest.fixture
+def dataset_with_bad_files(tmp_path):
+    write_demo_dataset(tmp_path, {"development": 5}, seed=0)
+    folder = tmp_path / "development"
+    (folder / "dev_scene_0001.wav").write_bytes(b"this is not audio at all")  # non-audio
+    sf.write(folder / "dev_scene_0002.wav", np.zeros(0, np.float32), 16000)  # zero samples
+    (folder / "dev_scene_0003.wav").unlink()  # caption rows naming a missing file
+    return tmp_path
+
+
+def test_bad_audio_is_reported_by_name_and_dropped(dataset_with_bad_files):
+    audio, text, problems = index_split(dataset_with_bad_files, "development")
+    assert audio["fname"].tolist() == ["dev_scene_0000.wav", "dev_scene_0004.wav"]
+    report = "\n".join(problems)
+    for name in ("dev_scene_0001.wav", "dev_scene_0002.wav", "dev_scene_0003.wav"):
+        assert name in report
+    assert "missing" in report and "unreadable" in report
+    assert set(text["fname"]) == {"dev_scene_0000.wav", "dev_scene_0004.wav"} and len(text) == 10
+    # Ids come from the captions file, not from which files survived: clip 4 keeps fid 4.
+    assert audio["fid"].tolist() == [0, 4]
+    assert text.loc[text["fname"] == "dev_scene_0004.wav", "cid"].tolist() == [20, 21, 22, 23, 24]
+
+
+def test_logmel_skips_files_that_break_after_indexing(dataset_with_bad_files):
+    index_dataset(dataset_with_bad_files, ["development"])
+    # Truncate a file that was fine when indexed: a header with no data behind it.
+    good = dataset_with_bad_files / "development" / "dev_scene_0004.wav"
+    good.write_bytes(good.read_bytes()[:30])
+    skipped = extract_split(dataset_with_bad_files, "development", FEATURES, workers=1)
+    assert len(skipped) == 1 and "dev_scene_0004.wav" in skipped[0]
+    store = LogmelStore(logmel_file(dataset_with_bad_files, "development"))
+    assert store.fids.tolist() == [0] and store[0].shape[1] == 32
+    assert not list(dataset_with_bad_files.glob("*.partial"))
+
+
+def test_logmel_matches_config_and_handles_stereo_48k(tmp_path):
+    write_demo_dataset(tmp_path, {"development": 2}, seed=0)
+    stereo = np.random.default_rng(0).uniform(-0.5, 0.5, size=(48000 * 2, 2)).astype(np.float32)
+    sf.write(tmp_path / "development" / "dev_scene_0001.wav", stereo, 48000)
+    index_dataset(tmp_path, ["development"])
+    assert extract_split(tmp_path, "development", FEATURES, workers=1) == []
+    store = LogmelStore(logmel_file(tmp_path, "development"))
+    frames = store[1].shape[0]
+    assert abs(frames - 2.0 / 0.020) <= 2  # 2 s at a 20 ms hop
+    assert np.isfinite(store[1]).all()
+    with h5py.File(logmel_file(tmp_path, "development")) as f:
+        assert f.attrs["n_mels"] == 32 and f.attrs["sample_rate"] == 16000
+
+
+def test_real_example_clip_gives_features():
+    from utils.audio import file_logmel
+
+    mel = file_logmel(REPO_ROOT / "example" / "example.wav", FEATURES)
+    assert mel.shape == (pytest.approx(500, abs=2), 32) and np.isfinite(mel).all()
+
+
+def test_text_embeddings_are_keyed_by_caption_id(tiny_dataset):
+    cids, embeds, model = read_text_embeds(text_embeds_file(tiny_dataset, "validation"))
+    text = pd.read_csv(tiny_dataset / "validation_text.csv")
+    assert cids.tolist() == text["cid"].tolist() and embeds.shape == (len(text), 384)
+    assert model == "sentence-transformers/all-MiniLM-L6-v2"
+    np.testing.assert_allclose(np.linalg.norm(embeds, axis=1), 1.0, atol=1e-3)  # MiniLM normalises its output

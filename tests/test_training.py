@@ -1,0 +1,47 @@
+"""The training loop without Ray: metrics, checkpoints and resuming."""
+import pytest
+import torch
+
+from utils.config import validate, with_overrides
+from utils.training import load_checkpoint, load_trained_model, train
+
+
+def collect(reports):
+    def report(metrics, folder):
+        reports.append((metrics, load_checkpoint(folder)))
+    return report
+
+
+@pytest.mark.slow
+def test_training_reports_namespaced_metrics_and_full_checkpoints(tiny_raw):
+    config = validate(with_overrides(tiny_raw, {"param_conf.num_epochs": 2}))
+    reports = []
+    train(config, collect(reports))
+    assert [m["epoch"] for m, _ in reports] == [1, 2]
+    metrics, state = reports[-1]
+    for key in ("train/loss", "val/loss", "val/t2a_mAP@10", "val/a2t_mAP@10", "val/t2a_R@1", "val/a2t_R@10"):
+        assert key in metrics
+    assert 0 <= metrics["val/t2a_mAP@10"] <= 1
+    assert state["config"] == config.model_dump(mode="json")  # resolved config travels with the weights
+    assert {"model", "optimizer", "scheduler", "epoch", "metrics"} <= set(state)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint_epoch(tiny_raw, tmp_path):
+    config = validate(with_overrides(tiny_raw, {"param_conf.num_epochs": 2}))
+    first = []
+    train(validate(with_overrides(tiny_raw, {"param_conf.num_epochs": 1})), collect(first))
+    torch.save(first[0][1], tmp_path / "checkpoint.pt")
+    resumed = []
+    train(config, collect(resumed), resume_from=tmp_path / "checkpoint.pt")
+    assert [m["epoch"] for m, _ in resumed] == [2]
+
+
+def test_saved_checkpoint_rebuilds_the_model(tiny_raw, tmp_path):
+    reports = []
+    train(validate(tiny_raw), collect(reports))
+    torch.save(reports[0][1], tmp_path / "checkpoint.pt")
+    model, config = load_trained_model(tmp_path / "checkpoint.pt", torch.device("cpu"))
+    assert config.model.embed_dim == 16
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reports[0][1]["model"][name])

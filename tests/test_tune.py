@@ -1,0 +1,51 @@
+"""A real Ray Tune run of two tiny trials, then postprocessing of its best checkpoint."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT
+from main import run_experiment
+from utils.config import validate, with_overrides
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, tmp_path):
+    raw = with_overrides(tiny_raw, {
+        "param_conf.num_epochs": 2,
+        "ray_conf.num_to_keep": 1,
+        "ray_conf.search_space": {"optimizer.lr": {"grid": [0.003, 0.0001]}},
+    })
+    experiment = run_experiment(validate(raw), raw)
+
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["metric"] == "val/t2a_mAP@10" and best["trial_params"]["optimizer.lr"] in (0.003, 0.0001)
+    assert best["config"]["optimizer"]["lr"] == best["trial_params"]["optimizer.lr"]
+    trials = sorted(p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("train_trial"))
+    assert len(trials) == 2
+    for trial in trials:  # num_to_keep=1: only the best epoch's checkpoint survives
+        assert len(list(trial.glob("checkpoint_*"))) == 1
+        progress = pd.read_csv(trial / "progress.csv")
+        assert progress["epoch"].tolist() == [1, 2]
+    trial_progress = pd.concat(pd.read_csv(t / "progress.csv") for t in trials)
+    assert best["value"] == pytest.approx(trial_progress["val/t2a_mAP@10"].max())
+
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py"), "--best", str(experiment / "best.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "t2a" in run.stdout and "mAP@10" in run.stdout
+    metrics = json.loads((experiment / "retrieval_metrics.json").read_text())
+    assert metrics["split"] == "evaluation" and 0 <= metrics["t2a"]["mAP@10"] <= 1
+    submission = pd.read_csv(experiment / "evaluation.t2a_retrieval.csv")
+    assert list(submission.columns) == ["caption"] + [f"fname_{k}" for k in range(1, 11)]
+    assert len(submission) == 60  # 12 evaluation clips x 5 captions

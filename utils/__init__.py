@@ -1,0 +1,1 @@
+"""Ray-free library code: config, data, losses, metrics and the training loop."""

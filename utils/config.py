@@ -1,0 +1,243 @@
+"""Typed experiment configuration: ``conf.yaml`` + dotted overrides -> validated ``Config``.
+
+Every section forbids unknown keys, so a typo fails at load time with its dotted path,
+whether it comes from the YAML file, the command line or a Ray Tune search space.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from models import AUDIO_ENCODERS, TEXT_ENCODERS
+from utils.losses import LOSSES
+from utils.strict_model import StrictModel
+
+# Search-space spec kinds accepted in ``ray_conf.search_space`` (see ``search_space_samples``).
+SEARCH_SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class DataConfig(StrictModel):
+    dataset_dir: Path
+    train_split: str = "development"
+    val_split: str = "validation"
+    eval_split: str = "evaluation"
+
+
+class FeatureConfig(StrictModel):
+    """Log-mel analysis; the DCASE baseline used 40 ms windows, 20 ms hops and 64 mel bands."""
+
+    sample_rate: int = Field(44100, gt=0)
+    window_ms: float = Field(40.0, gt=0)
+    hop_ms: float = Field(20.0, gt=0)
+    n_mels: int = Field(64, gt=0)
+    fmin: float = Field(0.0, ge=0)
+    fmax: float | None = None
+
+
+class TextEmbeddingConfig(StrictModel):
+    """Sentence-BERT model used to precompute caption embeddings (hub name or local folder)."""
+
+    model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    batch_size: int = Field(128, gt=0)
+
+
+class ModelConfig(StrictModel):
+    name: Literal["DualEncoderModel"] = "DualEncoderModel"
+    embed_dim: int = Field(256, gt=0)
+    audio_enc: AUDIO_ENCODERS.config_union()
+    text_enc: TEXT_ENCODERS.config_union()
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["Adam", "AdamW"] = "Adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class LRSchedulerConfig(StrictModel):
+    """``torch.optim.lr_scheduler.ReduceLROnPlateau`` stepped on the validation loss each epoch."""
+
+    name: Literal["ReduceLROnPlateau"] = "ReduceLROnPlateau"
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(5, ge=0)
+    threshold: float = Field(0.005, ge=0)
+    threshold_mode: Literal["rel", "abs"] = "abs"
+    min_lr: float = Field(1e-6, ge=0)
+
+
+class ParamConfig(StrictModel):
+    """Per-trial training parameters (``param_conf`` in the DCASE baseline)."""
+
+    num_epochs: int = Field(50, gt=0)
+    batch_size: int = Field(32, gt=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class RayConfig(StrictModel):
+    """How Ray Tune runs the trials; only ``main.py`` reads this section."""
+
+    storage_path: str  # absolute folder or a cloud URI (s3://, gs://)
+    num_samples: int = Field(1, gt=0)
+    metric: str = "val/t2a_mAP@10"
+    mode: Literal["min", "max"] = "max"
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    num_to_keep: int = Field(2, ge=1)
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    verbose: int = Field(1, ge=0, le=3)
+    search_space: dict[str, dict[str, list[Any]]] = {}
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_validation(cls, metric: str) -> str:
+        # Trials are selected on held-out validation data, never on training loss or the eval split.
+        if not metric.startswith("val/"):
+            raise ValueError(f"metric must be a validation metric 'val/...', got {metric!r}")
+        return metric
+
+
+class Config(StrictModel):
+    """The whole resolved experiment configuration, saved inside every checkpoint."""
+
+    experiment: str = "audio-retrieval"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig
+    features: FeatureConfig = FeatureConfig()
+    text_embeddings: TextEmbeddingConfig = TextEmbeddingConfig()
+    model: ModelConfig
+    criterion: LOSSES.config_union()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_scheduler: LRSchedulerConfig = LRSchedulerConfig()
+    param_conf: ParamConfig = ParamConfig()
+    ray_conf: RayConfig
+
+
+# Config fields holding paths that are resolved against the config file's folder.
+_PATH_KEYS = ("data.dataset_dir", "ray_conf.storage_path", "model.audio_enc.weight")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"param_conf.batch_size=64"`` -> ``("param_conf.batch_size", 64)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted == "a.b.c"``, creating missing sections."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {'.'.join(parents[: i + 1])!r} is a value, not a section: cannot set {dotted!r}")
+        node = child
+    node[leaf] = value
+
+
+def _get_path(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with each dotted-path override applied."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        set_path(out, dotted, value)
+    return out
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Turn a raw dict into a ``Config``; every problem is reported with its dotted key path."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            path = ".".join(str(p) for p in e["loc"])
+            got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") else ""
+            lines.append(f"  {path}: {e['msg']}{got}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def search_space_samples(path: str, spec: dict[str, list[Any]]) -> list[Any]:
+    """Values a search-space spec can produce at its extremes, to validate before Ray starts.
+
+    ``{"choice": [a, b]}`` and ``{"grid": [a, b]}`` give every value; ``{"uniform": [lo, hi]}``,
+    ``{"loguniform": [lo, hi]}``, ``{"randint": [lo, hi]}`` and ``{"quniform": [lo, hi, q]}`` give the bounds.
+    """
+    if len(spec) != 1:
+        raise ConfigError(f"ray_conf.search_space.{path}: give exactly one of {', '.join(SEARCH_SPACE_KINDS)}, got {sorted(spec)}")
+    (kind, args), = spec.items()
+    if kind not in SEARCH_SPACE_KINDS:
+        raise ConfigError(f"ray_conf.search_space.{path}: unknown kind {kind!r}; valid kinds: {', '.join(SEARCH_SPACE_KINDS)}")
+    if kind in ("choice", "grid"):
+        if not args:
+            raise ConfigError(f"ray_conf.search_space.{path}.{kind}: needs at least one value")
+        return list(args)
+    n_args = 3 if kind == "quniform" else 2
+    if len(args) != n_args or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise ConfigError(f"ray_conf.search_space.{path}.{kind}: needs {n_args} numbers, got {args!r}")
+    low, high = args[0], args[1]
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise ConfigError(f"ray_conf.search_space.{path}.{kind}: bounds {args[:2]!r} are not a valid range")
+    return [low, high - 1] if kind == "randint" else [low, high]
+
+
+def validate_search_space(raw: dict[str, Any], search_space: dict[str, dict[str, list[Any]]]) -> None:
+    """Check that every searched key exists and accepts the values its spec can produce."""
+    for path, spec in search_space.items():
+        if path.startswith("ray_conf."):
+            raise ConfigError(f"ray_conf.search_space.{path}: the ray_conf section cannot be searched")
+        for value in search_space_samples(path, spec):
+            try:
+                validate(with_overrides(raw, {path: value}))
+            except ConfigError as err:
+                raise ConfigError(f"ray_conf.search_space.{path}={value!r} gives an {err}") from None
+
+
+def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read YAML safely, apply ``key=value`` overrides and make relative paths absolute.
+
+    Relative paths resolve against the config file's folder, never the process's or a
+    Ray trial's working directory.
+    """
+    config_path = Path(config_path).resolve()
+    if not config_path.is_file():
+        raise ConfigError(f"config file {config_path} does not exist")
+    with config_path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} must hold a mapping of config sections")
+    raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))
+    for dotted in _PATH_KEYS:
+        value = _get_path(raw, dotted)
+        if isinstance(value, str) and "://" not in value:
+            set_path(raw, dotted, str((config_path.parent / Path(value).expanduser()).resolve()))
+    return raw
+
+
+def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:
+    """Load, override, resolve and validate; also checks the search space. Returns the config and its raw dict."""
+    raw = load_raw(config_path, overrides)
+    config = validate(raw)
+    validate_search_space(raw, config.ray_conf.search_space)
+    return config, raw

@@ -1,0 +1,142 @@
+"""Dataset layout, HDF5 feature stores and batching.
+
+A dataset folder follows Clotho's layout, plus the files preprocessing writes::
+
+    <dataset_dir>/{split}/*.wav              audio clips
+    <dataset_dir>/{split}_captions.csv       fname,raw_text,text (any captions per clip)
+    <dataset_dir>/{split}_audio.csv          fid,fname,duration       (clotho_dataset.py)
+    <dataset_dir>/{split}_text.csv           cid,fid,fname,raw_text,text
+    <dataset_dir>/{split}_logmel.h5          log-mels of every clip   (audio_logmel.py)
+    <dataset_dir>/{split}_text_embeds.h5     caption embeddings       (sbert_embeddings.py)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def captions_csv(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_captions.csv"
+
+
+def audio_table(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_audio.csv"
+
+
+def text_table(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_text.csv"
+
+
+def logmel_file(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_logmel.h5"
+
+
+def text_embeds_file(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_text_embeds.h5"
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV written by preprocessing; a missing file names the script that writes it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the preprocessing scripts first (see README)")
+    return pd.read_csv(path, keep_default_na=False)
+
+
+class LogmelStore:
+    """Read access to ``{split}_logmel.h5``: clip ``fid`` -> ``(frames, n_mels)`` float32.
+
+    The file holds all clips concatenated along time (``logmel``), with ``offsets`` (n+1,)
+    marking each clip's rows, so a clip is one contiguous slice read. The HDF5 handle is
+    opened lazily so the store can be sent to DataLoader worker processes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} not found: run preprocessing/audio_logmel.py first")
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            self.fids = f["fid"][:].astype(np.int64)
+            self.offsets = f["offsets"][:].astype(np.int64)
+            self.n_mels = int(f["logmel"].shape[1])
+        self.row_of = {int(fid): row for row, fid in enumerate(self.fids)}
+        self._file: h5py.File | None = None
+
+    def __len__(self) -> int:
+        return len(self.fids)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+    def __getitem__(self, fid: int) -> np.ndarray:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        row = self.row_of[int(fid)]
+        return self._file["logmel"][self.offsets[row] : self.offsets[row + 1]]
+
+
+def read_text_embeds(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(cids (n,), embeddings (n, dim) float32, model name)`` from ``{split}_text_embeds.h5``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run preprocessing/sbert_embeddings.py first")
+    with h5py.File(path, "r") as f:
+        return f["cid"][:].astype(np.int64), f["embedding"][:].astype(np.float32), str(f.attrs["model_name"])
+
+
+class CaptionPairs(Dataset):
+    """One item per caption: ``(logmel (T, n_mels), text embedding (dim,), fid)``.
+
+    Only captions whose clip has features are kept, so a clip dropped by preprocessing
+    cannot crash training.
+    """
+
+    def __init__(self, dataset_dir: Path, split: str) -> None:
+        self.logmels = LogmelStore(logmel_file(dataset_dir, split))
+        cids, embeds, self.text_model = read_text_embeds(text_embeds_file(dataset_dir, split))
+        text = read_table(text_table(dataset_dir, split))
+        row_of_cid = {int(c): i for i, c in enumerate(cids)}
+        keep = text["fid"].isin(self.logmels.row_of) & text["cid"].isin(row_of_cid)
+        text = text[keep]
+        self.fids = text["fid"].to_numpy(np.int64)
+        self.embeds = embeds[[row_of_cid[int(c)] for c in text["cid"]]]
+        self.text_dim = int(embeds.shape[1])
+        self.n_mels = self.logmels.n_mels
+
+    def __len__(self) -> int:
+        return len(self.fids)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        fid = int(self.fids[i])
+        return self.logmels[fid], self.embeds[i], fid
+
+
+def pad_logmels(logmels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``(T_i, n_mels)`` arrays to ``(B, max T, n_mels)``; also returns lengths ``(B,)``."""
+    lengths = torch.tensor([m.shape[0] for m in logmels], dtype=torch.long)
+    batch = torch.zeros(len(logmels), int(lengths.max()), logmels[0].shape[1])
+    for i, m in enumerate(logmels):
+        batch[i, : m.shape[0]] = torch.from_numpy(m)
+    return batch, lengths
+
+
+def collate_pairs(items: list[tuple[np.ndarray, np.ndarray, int]]) -> dict[str, torch.Tensor]:
+    """Batch ``CaptionPairs`` items into padded log-mels, lengths, text embeddings and clip ids."""
+    logmels, embeds, fids = zip(*items)
+    audio, lengths = pad_logmels(list(logmels))
+    return {
+        "logmels": audio,
+        "lengths": lengths,
+        "text_embeds": torch.from_numpy(np.stack(embeds)),
+        "audio_ids": torch.tensor(fids, dtype=torch.long),
+    }
+
+
+def pair_loader(dataset: CaptionPairs, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over caption pairs; shuffling is seeded so trials are reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_pairs,
+                      num_workers=num_workers, generator=generator)
