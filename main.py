@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+from ray import tune
+
 from utils.config import Config, ConfigError, load_config, validate, with_overrides
 from utils.data import logmel_file, text_embeds_file
 from utils.experiments import BEST_FILE
@@ -24,27 +28,29 @@ from utils.training import CHECKPOINT_FILE, train
 
 log = logging.getLogger("main")
 
+# ray_conf.search_space kinds -> Ray Tune domain constructors
+TUNE_DOMAINS = {
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+    "uniform": tune.uniform,
+    "loguniform": tune.loguniform,
+    "randint": tune.randint,
+    "quniform": tune.quniform,
+}
+
 
 def search_space_to_tune(search_space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     """``{"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}`` -> Ray Tune domains under the same flat keys."""
-    from ray import tune
-
-    makers = {
-        "choice": lambda a: tune.choice(a),
-        "grid": lambda a: tune.grid_search(a),
-        "uniform": lambda a: tune.uniform(*a),
-        "loguniform": lambda a: tune.loguniform(*a),
-        "randint": lambda a: tune.randint(*a),
-        "quniform": lambda a: tune.quniform(*a),
-    }
-    return {path: makers[kind](args) for path, spec in search_space.items() for kind, args in spec.items()}
+    space = {}
+    for path, spec in search_space.items():
+        (kind, args), = spec.items()
+        # choice and grid take the list of values; the others take their bounds as arguments
+        space[path] = TUNE_DOMAINS[kind](args) if kind in ("choice", "grid") else TUNE_DOMAINS[kind](*args)
+    return space
 
 
 def train_trial(trial_params: dict[str, Any], base_config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one training run with the trial's sampled values applied."""
-    import torch
-    from ray import tune
-
     config = validate(with_overrides(base_config, trial_params))
     torch.set_num_threads(max(1, int(config.ray_conf.cpus_per_trial)))
     checkpoint = tune.get_checkpoint()
@@ -69,9 +75,6 @@ def check_data(config: Config) -> None:
 
 def run_experiment(config: Config, raw: dict[str, Any], address: str | None = None) -> Path:
     """Run the Tuner and write ``best.json``; returns the experiment folder."""
-    import ray
-    from ray import tune
-
     rc = config.ray_conf
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):
@@ -127,6 +130,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. param_conf.batch_size=64 optimizer.lr=0.0005")
     args = parser.parse_args()
     setup_logging()
+    # Ray's TensorBoard logger renames every '@' metric ("R@1" -> "R_1") with one INFO line per key and epoch.
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     try:
         config, raw = load_config(args.config, args.overrides)
         check_data(config)

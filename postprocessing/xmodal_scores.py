@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from utils.config import ConfigError, load_raw, validate  # noqa: E402
+from utils.data import atomic_h5  # noqa: E402
 from utils.experiments import latest_best_file, read_best  # noqa: E402
 from utils.runtime import resolve_device, seed_everything, setup_logging  # noqa: E402
 from utils.training import SplitEmbeddings, build_model, embed_split, load_trained_model  # noqa: E402
@@ -64,14 +64,12 @@ def compute_embeddings(checkpoint: Path, split: str | None, untrained: bool) -> 
 
 def save_scores(path: Path, embeds: SplitEmbeddings) -> None:
     """Write scores, file names, captions and caption->clip rows to HDF5 (atomically)."""
-    partial_file = path.with_suffix(".h5.partial")
     text = h5py.string_dtype()
-    with h5py.File(partial_file, "w") as f:
+    with atomic_h5(path) as f:
         f.create_dataset("scores", data=embeds.scores().numpy())
         f.create_dataset("fname", data=np.array(embeds.fnames, dtype=object), dtype=text)
         f.create_dataset("caption", data=np.array(embeds.captions, dtype=object), dtype=text)
         f.create_dataset("caption_audio", data=embeds.caption_audio.numpy())
-    os.replace(partial_file, path)
 
 
 def load_scores(path: Path) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:

@@ -3,8 +3,8 @@
 Analysis parameters come from the ``features`` section of the config (sample rate, window,
 hop, mel bands). Clips are processed on all cores with a progress bar; a file that cannot
 be decoded, is shorter than one window or yields NaN/inf is reported and skipped. The
-output is written to a temporary file and renamed when complete, so a crash never leaves
-a half-written ``{split}_logmel.h5`` behind.
+output is written under a temporary name and renamed when complete, so a crash never
+leaves a half-written ``{split}_logmel.h5`` behind.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from utils.audio import AudioError, file_logmel  # noqa: E402
 from utils.config import ConfigError, FeatureConfig, load_raw, validate  # noqa: E402
-from utils.data import audio_table, logmel_file, read_table  # noqa: E402
+from utils.data import atomic_h5, audio_table, logmel_file, read_table  # noqa: E402
 from utils.runtime import setup_logging  # noqa: E402
 
 log = logging.getLogger("audio_logmel")
@@ -43,7 +42,6 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     audio = read_table(audio_table(dataset_dir, split))
     paths = [dataset_dir / split / f for f in audio["fname"]]
     target = logmel_file(dataset_dir, split)
-    partial_file = target.with_suffix(".h5.partial")
     kept_fids, chunks, skipped = [], [], []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(partial(_extract, features=features), paths, chunksize=8)
@@ -56,13 +54,12 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     if not chunks:
         raise RuntimeError(f"{split}: no usable audio file; nothing written")
     offsets = np.cumsum([0] + [c.shape[0] for c in chunks])
-    with h5py.File(partial_file, "w") as f:
+    with atomic_h5(target) as f:
         f.create_dataset("logmel", data=np.concatenate(chunks), chunks=(min(512, int(offsets[-1])), features.n_mels))
         f.create_dataset("offsets", data=offsets)
         f.create_dataset("fid", data=np.asarray(kept_fids, dtype=np.int64))
         for key, value in features.model_dump().items():
             f.attrs[key] = "none" if value is None else value
-    os.replace(partial_file, target)  # atomic on one filesystem: readers see the old file or the complete new one
     log.info("%s: %d clips, %d frames -> %s", split, len(kept_fids), offsets[-1], target)
     return skipped
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from utils.config import ConfigError, load_raw, validate  # noqa: E402
-from utils.data import read_table, text_embeds_file, text_table  # noqa: E402
+from utils.data import atomic_h5, read_table, text_embeds_file, text_table  # noqa: E402
 from utils.runtime import resolve_device, setup_logging  # noqa: E402
 from utils.text import load_sentence_model  # noqa: E402
 
@@ -32,12 +30,10 @@ def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_siz
     text = read_table(text_table(dataset_dir, split))
     embeds = model.encode(text["text"].tolist(), batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
     target = text_embeds_file(dataset_dir, split)
-    partial_file = target.with_suffix(".h5.partial")
-    with h5py.File(partial_file, "w") as f:
+    with atomic_h5(target) as f:
         f.create_dataset("cid", data=text["cid"].to_numpy(np.int64))
         f.create_dataset("embedding", data=embeds.astype(np.float32))
         f.attrs["model_name"] = model_name
-    os.replace(partial_file, target)
     log.info("%s: %d captions x %d dims -> %s", split, *embeds.shape, target)
     return target
 

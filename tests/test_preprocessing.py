@@ -1,5 +1,4 @@
 import hashlib
-import logging
 
 import h5py
 import numpy as np

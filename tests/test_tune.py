@@ -49,3 +49,17 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
     submission = pd.read_csv(experiment / "evaluation.t2a_retrieval.csv")
     assert list(submission.columns) == ["caption"] + [f"fname_{k}" for k in range(1, 11)]
     assert len(submission) == 60  # 12 evaluation clips x 5 captions
+
+
+def test_every_config_search_kind_maps_to_a_ray_domain():
+    from main import TUNE_DOMAINS, search_space_to_tune
+    from utils.config import SEARCH_SPACE_KINDS
+
+    assert set(TUNE_DOMAINS) == set(SEARCH_SPACE_KINDS)
+    space = search_space_to_tune({
+        "a": {"choice": [1, 2]}, "b": {"grid": [1, 2]}, "c": {"uniform": [0, 1]},
+        "d": {"loguniform": [1e-4, 1e-2]}, "e": {"randint": [1, 5]}, "f": {"quniform": [0, 1, 0.25]},
+    })
+    assert space["b"] == {"grid_search": [1, 2]}
+    assert 1e-4 <= space["d"].sample() <= 1e-2 and 1 <= space["e"].sample() < 5
+    assert space["f"].sample() in (0, 0.25, 0.5, 0.75, 1.0)

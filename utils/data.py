@@ -11,6 +11,9 @@ A dataset folder follows Clotho's layout, plus the files preprocessing writes::
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -45,6 +48,22 @@ def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the preprocessing scripts first (see README)")
     return pd.read_csv(path, keep_default_na=False)
+
+
+@contextmanager
+def atomic_h5(target: Path) -> Iterator[h5py.File]:
+    """Write an HDF5 file under a temporary name and rename it to ``target`` only when complete.
+
+    The rename is atomic on one filesystem, so readers see the old file or the whole new one,
+    never a half-written file after a crash.
+    """
+    partial_file = Path(target).with_suffix(".h5.partial")
+    try:
+        with h5py.File(partial_file, "w") as f:
+            yield f
+        os.replace(partial_file, target)
+    finally:
+        partial_file.unlink(missing_ok=True)
 
 
 class LogmelStore:
