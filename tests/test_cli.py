@@ -36,3 +36,9 @@ def test_main_rejects_bad_key_and_missing_data_before_ray(tmp_path):
     result = run("main.py", f"data.dataset_dir={tmp_path}")
     assert result.returncode != 0 and "run the preprocessing scripts first" in result.stderr
     assert "Ray" not in result.stderr  # rejected before any Ray start-up
+
+
+def test_library_imports_without_ray():
+    code = "import sys, models, utils.training, utils.audio, utils.text, utils.experiments; assert 'ray' not in sys.modules"
+    result = run("-c", code)
+    assert result.returncode == 0, result.stderr

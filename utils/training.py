@@ -169,7 +169,7 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
             "epoch": epoch,
             "train/loss": train_loss,
             "val/loss": val_loss,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train/lr": optimizer.param_groups[0]["lr"],
             **flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val"),
         }
         scheduler.step(val_loss)
