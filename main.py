@@ -1,9 +1,11 @@
 """Launch a Ray Tune search over dual-encoder training runs.
 
 Reads conf.yaml (or --config), applies dotted overrides such as ``param_conf.batch_size=64``,
-runs one trial per point of ``ray_conf.search_space`` (times ``num_samples``), selects on the
-validation metric and writes ``best.json`` into the experiment folder. Only this file talks
-to Ray; the training loop itself lives in ``utils/training.py``.
+samples ``ray_conf.search_space`` (random/grid or Optuna TPE), schedules the trials (FIFO,
+ASHA or PBT, optionally a plateau stopper), retries crashed trials from their checkpoints and
+selects on the validation metric. The experiment folder then holds ``best.json``, the
+self-contained ``best/`` model, ``results.csv`` and ``search.png``. ``--resume`` continues an
+interrupted experiment. Only this file talks to Ray; the training loop is ``utils/training.py``.
 """
 from __future__ import annotations
 
@@ -16,17 +18,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 import torch
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import TrialPlateauStopper
 
-from utils.config import Config, ConfigError, load_config, validate, with_overrides
+from utils.config import Config, ConfigError, RayConfig, load_config, validate, with_overrides
 from utils.data import logmel_file, text_embeds_file
 from utils.experiments import BEST_FILE
+from utils.reporting import TrialHistory, plot_metric, results_table
 from utils.runtime import setup_logging
-from utils.training import CHECKPOINT_FILE, train
+from utils.training import CHECKPOINT_FILE, export_model, train
 
 log = logging.getLogger("main")
+
+BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resume
+BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
+RESULTS_TABLE = "results.csv"
+SEARCH_PLOT = "search.png"
 
 # ray_conf.search_space kinds -> Ray Tune domain constructors
 TUNE_DOMAINS = {
@@ -73,42 +85,133 @@ def check_data(config: Config) -> None:
                 raise ConfigError(f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)")
 
 
-def run_experiment(config: Config, raw: dict[str, Any], address: str | None = None) -> Path:
-    """Run the Tuner and write ``best.json``; returns the experiment folder."""
-    rc = config.ray_conf
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            context = ray.init(address=address)
-        else:
-            context = ray.init(include_dashboard=rc.include_dashboard, dashboard_host=rc.dashboard_host)
-        if context.dashboard_url:
-            log.info("Ray dashboard: http://%s", context.dashboard_url)
+def make_scheduler(rc: RayConfig, num_epochs: int) -> tune.schedulers.TrialScheduler:
+    """FIFO, ASHA or PBT from ``ray_conf.scheduler``; the time unit is the epoch (one report each)."""
+    sched = rc.scheduler
+    if sched.name == "ASHA":
+        return ASHAScheduler(time_attr="training_iteration", max_t=num_epochs, grace_period=sched.grace_period,
+                             reduction_factor=sched.reduction_factor, brackets=sched.brackets)
+    if sched.name == "PBT":
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=sched.perturbation_interval, burn_in_period=sched.burn_in_period,
+            quantile_fraction=sched.quantile_fraction, resample_probability=sched.resample_probability,
+            hyperparam_mutations=search_space_to_tune(sched.hyperparam_mutations))
+    return FIFOScheduler()
 
+
+def make_trainable(raw: dict[str, Any], rc: RayConfig) -> Any:
+    """The trial function with the base config attached and the per-trial resources."""
+    return tune.with_resources(tune.with_parameters(train_trial, base_config=raw), {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial})
+
+
+def init_ray(rc: RayConfig, address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray with the dashboard on ``dashboard_host``."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        context = ray.init(address=address)
+    else:
+        context = ray.init(include_dashboard=rc.include_dashboard, dashboard_host=rc.dashboard_host)
+    if context.dashboard_url:
+        log.info("Ray dashboard: http://%s", context.dashboard_url)
+
+
+def run_experiment(config: Config, raw: dict[str, Any], address: str | None = None, callbacks: list[tune.Callback] | None = None) -> Path:
+    """Run a new Tuner, then write the experiment summary; returns the experiment folder.
+
+    The raw config is saved as ``base_config.json`` in the experiment folder first, so that
+    ``--resume`` rebuilds exactly the same trials whatever ``conf.yaml`` says by then.
+    """
+    rc = config.ray_conf
+    init_ray(rc, address)
     name = f"{config.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base_config=raw), {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial})
+    experiment = Path(rc.storage_path) / name
+    if is_local(rc.storage_path):
+        experiment.mkdir(parents=True)
+        (experiment / BASE_CONFIG).write_text(json.dumps(raw, indent=2))
+    param_space = search_space_to_tune(rc.search_space)
+    if rc.scheduler.name == "PBT":  # every mutated value needs a starting value
+        for path, domain in search_space_to_tune(rc.scheduler.hyperparam_mutations).items():
+            param_space.setdefault(path, domain)
     tuner = tune.Tuner(
-        trainable,
-        param_space=search_space_to_tune(rc.search_space),
-        tune_config=tune.TuneConfig(metric=rc.metric, mode=rc.mode, num_samples=rc.num_samples, max_concurrent_trials=rc.max_concurrent_trials),
+        make_trainable(raw, rc),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=rc.metric, mode=rc.mode, num_samples=rc.num_samples, max_concurrent_trials=rc.max_concurrent_trials,
+            search_alg=OptunaSearch(seed=config.seed) if rc.search_alg == "optuna" else None,
+            scheduler=make_scheduler(rc, config.param_conf.num_epochs),
+        ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=rc.storage_path,
             verbose=rc.verbose,
+            callbacks=callbacks,
+            stop=TrialPlateauStopper(metric=rc.metric, mode=rc.mode, std=rc.plateau_stopper.std, num_results=rc.plateau_stopper.num_results,
+                                     grace_period=rc.plateau_stopper.grace_period) if rc.plateau_stopper else None,
+            failure_config=tune.FailureConfig(max_failures=rc.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=rc.num_to_keep, checkpoint_score_attribute=rc.metric, checkpoint_score_order=rc.mode),
         ),
     )
-    results = tuner.fit()
+    return summarise(tuner.fit(), raw, rc)
+
+
+def resume_experiment(path: Path | None, storage_path: str, address: str | None = None) -> Path:
+    """Continue an interrupted experiment: finished trials are kept, unfinished and errored ones
+    continue from their latest checkpoints. ``path`` defaults to the newest experiment."""
+    if path is None:
+        candidates = sorted(Path(storage_path).glob(f"*/{BASE_CONFIG}"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"no experiment to resume under {storage_path}")
+        path = candidates[-1].parent
+    path = Path(path).resolve()
+    if not (path / BASE_CONFIG).is_file() or not tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"{path} is not a resumable experiment folder of main.py")
+    raw = json.loads((path / BASE_CONFIG).read_text())
+    rc = validate(raw).ray_conf
+    init_ray(rc, address)
+    log.info("resuming %s", path)
+    tuner = tune.Tuner.restore(str(path), make_trainable(raw, rc), resume_unfinished=True, resume_errored=True)
+    return summarise(tuner.fit(), raw, rc)
+
+
+def trial_histories(results: tune.ResultGrid) -> list[TrialHistory]:
+    """Per-trial parameters, status and per-epoch metrics, with a line logged for each failed trial."""
+    trials = []
     for result in results:
         if result.error is not None:
             log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1])
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        status = "ERROR" if result.error is not None else "TERMINATED"
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trials.append(TrialHistory(trial_id, dict(result.config or {}), status, history))
+    return trials
+
+
+class ExperimentInterrupted(RuntimeError):
+    """Tuning stopped (Ctrl-C, lost driver) before every trial finished."""
+
+
+def summarise(results: tune.ResultGrid, raw: dict[str, Any], rc: RayConfig) -> Path:
+    """Write ``best.json``, the ``best/`` model export, ``results.csv`` and ``search.png``."""
+    # After Ctrl-C, Tune marks the trials it cut short as terminated in memory; the experiment
+    # state it saved on the way out still says which ones were pending or running.
+    saved = tune.ExperimentAnalysis(results.experiment_path).trials
+    unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
+    if unfinished:
+        raise ExperimentInterrupted(f"{unfinished} of {len(results)} trials did not finish; continue with: python main.py --resume {results.experiment_path}")
+    trials = trial_histories(results)
     best = results.get_best_result(rc.metric, rc.mode, scope="all")
     if not best.best_checkpoints:
         raise RuntimeError("no trial reported a checkpoint; see the errors above")
     pick = max if rc.mode == "max" else min
     checkpoint, metrics = pick(best.best_checkpoints, key=lambda kept: kept[1][rc.metric])
-    experiment = Path(results.experiment_path)
+    experiment = Path(results.experiment_path) if is_local(rc.storage_path) else Path.home() / "ray_results" / Path(results.experiment_path).name
+    experiment.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as folder:  # downloads it first when storage is remote
+        model = export_model(Path(folder) / CHECKPOINT_FILE, experiment / BEST_MODEL_DIR)
     summary = {
         "trial_id": metrics["trial_id"],
+        "model": str(model),
         "checkpoint": str(Path(checkpoint.path) / CHECKPOINT_FILE),
         "metric": rc.metric,
         "mode": rc.mode,
@@ -118,15 +221,23 @@ def run_experiment(config: Config, raw: dict[str, Any], address: str | None = No
         "config": validate(with_overrides(raw, best.config)).model_dump(mode="json"),
     }
     (experiment / BEST_FILE).write_text(json.dumps(summary, indent=2))
-    log.info("best trial %s: %s = %.4f with %s", summary["trial_id"], rc.metric, summary["value"], summary["trial_params"])
-    log.info("wrote %s", experiment / BEST_FILE)
+    results_table(trials, rc.metric, rc.mode).to_csv(experiment / RESULTS_TABLE, index=False)
+    plot_metric(trials, rc.metric, experiment / SEARCH_PLOT)
+    log.info("best trial %s: %s = %.4f at epoch %d with %s", summary["trial_id"], rc.metric, summary["value"], summary["epoch"], summary["trial_params"])
+    log.info("wrote %s, %s/, %s and %s in %s", BEST_FILE, BEST_MODEL_DIR, RESULTS_TABLE, SEARCH_PLOT, experiment)
     return experiment
+
+
+def is_local(storage_path: str) -> bool:
+    return "://" not in storage_path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "conf.yaml", help="experiment config (default: conf.yaml)")
     parser.add_argument("--address", default=None, help="join a running Ray cluster, e.g. 'auto' (default: start a local Ray, or use RAY_ADDRESS)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="EXPERIMENT_DIR",
+                        help="continue an interrupted experiment (default: the newest under ray_conf.storage_path); it keeps its own saved config")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. param_conf.batch_size=64 optimizer.lr=0.0005")
     args = parser.parse_args()
     setup_logging()
@@ -134,10 +245,16 @@ def main() -> None:
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     try:
         config, raw = load_config(args.config, args.overrides)
-        check_data(config)
+        if args.resume:
+            resume_experiment(None if args.resume == "latest" else Path(args.resume), config.ray_conf.storage_path, args.address)
+        else:
+            check_data(config)
+            run_experiment(config, raw, args.address)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    run_experiment(config, raw, args.address)
+    except ExperimentInterrupted as err:
+        log.warning("%s", err)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from utils.audio import AudioError, file_logmel  # noqa: E402
-from utils.config import ConfigError, load_raw, validate  # noqa: E402
+from utils.config import ConfigError  # noqa: E402
 from utils.data import pad_logmels  # noqa: E402
-from utils.experiments import latest_best_file, read_best  # noqa: E402
+from utils.experiments import best_model  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
 from utils.text import load_sentence_model  # noqa: E402
 from utils.training import embed_split, load_trained_model  # noqa: E402
@@ -42,13 +42,13 @@ def main() -> None:
     parser.add_argument("--gallery", metavar="SPLIT", help="also rank every clip and caption of this split of the checkpoint's dataset")
     parser.add_argument("--top", type=int, default=5, help="results per query (default: 5)")
     parser.add_argument("--best", type=Path, help="best.json of an experiment (default: the latest)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint.pt to use instead of best.json's")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint.pt or exported model folder to use instead of best.json's")
     parser.add_argument("--config", type=Path, default=HERE.parent / "conf.yaml", help="config naming ray_conf.storage_path (default: conf.yaml)")
     args = parser.parse_args()
 
     device = resolve_device("auto")
     try:
-        checkpoint = args.checkpoint or Path(read_best(args.best or latest_best_file(validate(load_raw(args.config)).ray_conf.storage_path))["checkpoint"])
+        checkpoint = args.checkpoint or best_model(args.best, args.config)[0]
         model, config = load_trained_model(checkpoint, device)
         batch, lengths = pad_logmels([file_logmel(path, config.features) for path in args.audio])
     except (ConfigError, FileNotFoundError, AudioError) as err:

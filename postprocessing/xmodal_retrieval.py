@@ -4,7 +4,7 @@ Computes mAP@10 and R@1/5/10 for text-to-audio and audio-to-text retrieval from 
 matrix of ``xmodal_scores.py`` (computed first when missing), prints a table and writes
 ``retrieval_metrics.json`` and ``{split}.t2a_retrieval.csv`` (caption, then the top-10 file
 names) into the experiment folder. With no arguments it evaluates the latest experiment's
-best checkpoint on the evaluation split.
+best model on the evaluation split.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from postprocessing.xmodal_scores import add_source_arguments, load_scores, reso
 from utils.config import ConfigError  # noqa: E402
 from utils.metrics import retrieval_metrics  # noqa: E402
 from utils.runtime import setup_logging  # noqa: E402
-from utils.training import load_checkpoint  # noqa: E402
+from utils.training import read_model_config  # noqa: E402
 
 log = logging.getLogger("xmodal_retrieval")
 
@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     try:
         checkpoint, out_dir = resolve_source(args)
-        split = args.split or load_checkpoint(checkpoint)["config"]["data"]["eval_split"]
+        split = args.split or read_model_config(checkpoint).data.eval_split
         path = scores_file(out_dir, split, args.untrained)
         if args.rescore or not path.is_file():
             args.split = split

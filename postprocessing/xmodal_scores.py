@@ -1,7 +1,7 @@
 """Embed every clip and caption of a split once and save the ``(n_audio, n_captions)`` score matrix.
 
-With no arguments it scores the evaluation split with the checkpoint named by the latest
-experiment's ``best.json`` and writes ``{split}_scores.h5`` beside it. ``--untrained`` scores
+With no arguments it scores the evaluation split with the model exported to ``best/`` by
+the latest experiment and writes ``{split}_scores.h5`` into that experiment's folder. ``--untrained`` scores
 a freshly initialised model of the same config instead: the chance-level reference.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from utils.config import ConfigError, load_raw, validate  # noqa: E402
+from utils.config import ConfigError  # noqa: E402
 from utils.data import atomic_h5  # noqa: E402
-from utils.experiments import latest_best_file, read_best  # noqa: E402
+from utils.experiments import best_model  # noqa: E402
 from utils.runtime import resolve_device, seed_everything, setup_logging  # noqa: E402
 from utils.training import SplitEmbeddings, build_model, embed_split, load_trained_model  # noqa: E402
 
@@ -31,7 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf.yaml"
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments naming which model to score, shared with ``xmodal_retrieval.py``."""
     parser.add_argument("--best", type=Path, help="best.json of an experiment (default: the latest under ray_conf.storage_path)")
-    parser.add_argument("--checkpoint", type=Path, help="a checkpoint.pt to score instead of best.json's")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint.pt or exported model folder to score instead of best.json's")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config whose ray_conf.storage_path holds the experiments (default: conf.yaml)")
     parser.add_argument("--split", help="split to score (default: the config's data.eval_split)")
     parser.add_argument("--untrained", action="store_true", help="score a randomly initialised model with the same config (chance reference)")
@@ -39,11 +39,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_source(args: argparse.Namespace) -> tuple[Path, Path]:
-    """``(checkpoint file, output folder)`` from ``--checkpoint``, ``--best`` or the latest experiment."""
+    """``(checkpoint or model folder, output folder)`` from ``--checkpoint``, ``--best`` or the latest experiment."""
     if args.checkpoint:
-        return args.checkpoint, args.out_dir or args.checkpoint.parent
-    best_file = args.best or latest_best_file(validate(load_raw(args.config)).ray_conf.storage_path)
-    return Path(read_best(best_file)["checkpoint"]), args.out_dir or best_file.parent
+        return args.checkpoint, args.out_dir or (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent)
+    model, experiment = best_model(args.best, args.config)
+    return model, args.out_dir or experiment
 
 
 def scores_file(out_dir: Path, split: str, untrained: bool) -> Path:

@@ -11,6 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a model hub
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for the throwaway test clusters
 
 from preprocessing.audio_logmel import extract_split  # noqa: E402
 from preprocessing.clotho_dataset import index_split  # noqa: E402
@@ -44,6 +45,16 @@ def index_dataset(dataset_dir: Path, splits=SPLITS) -> None:
         audio, text, _ = index_split(dataset_dir, split)
         audio.to_csv(audio_table(dataset_dir, split), index=False)
         text.to_csv(text_table(dataset_dir, split), index=False)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray per test module (start-up costs seconds), without dashboard or log forwarding."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

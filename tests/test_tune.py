@@ -11,14 +11,6 @@ from main import run_experiment
 from utils.config import validate, with_overrides
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, tmp_path):
     raw = with_overrides(tiny_raw, {
@@ -31,6 +23,10 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
     best = json.loads((experiment / "best.json").read_text())
     assert best["metric"] == "val/t2a_mAP@10" and best["trial_params"]["optimizer.lr"] in (0.003, 0.0001)
     assert best["config"]["optimizer"]["lr"] == best["trial_params"]["optimizer.lr"]
+    assert (experiment / "best" / "model.safetensors").is_file() and best["model"] == str(experiment / "best")
+    table = pd.read_csv(experiment / "results.csv")
+    assert len(table) == 2 and table["val/t2a_mAP@10"].iloc[0] == pytest.approx(best["value"])
+    assert (experiment / "search.png").read_bytes()[:4] == b"\x89PNG"
     trials = sorted(p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("train_trial"))
     assert len(trials) == 2
     for trial in trials:  # num_to_keep=1: only the best epoch's checkpoint survives

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models import AUDIO_ENCODERS, TEXT_ENCODERS
 from utils.losses import LOSSES
@@ -82,6 +82,43 @@ class ParamConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
 
 
+SearchSpace = dict[str, dict[str, list[Any]]]  # dotted config path -> {kind: arguments}
+
+
+class FIFOSchedulerConfig(StrictModel):
+    """Run every trial to its last epoch."""
+
+    name: Literal["FIFO"] = "FIFO"
+
+
+class ASHASchedulerConfig(StrictModel):
+    """Asynchronous successive halving: stop trials that trail their peers at epoch milestones."""
+
+    name: Literal["ASHA"] = "ASHA"
+    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+    brackets: int = Field(1, ge=1)
+
+
+class PBTSchedulerConfig(StrictModel):
+    """Population based training: weak trials copy a strong trial's checkpoint and perturb its values."""
+
+    name: Literal["PBT"] = "PBT"
+    perturbation_interval: int = Field(2, ge=1)  # epochs between exploit/explore steps
+    burn_in_period: int = Field(0, ge=0)
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    hyperparam_mutations: SearchSpace = Field(min_length=1)
+
+
+class PlateauStopperConfig(StrictModel):
+    """Stop a trial once the selection metric's last ``num_results`` values vary by less than ``std``."""
+
+    std: float = Field(0.005, gt=0)
+    num_results: int = Field(3, ge=2)
+    grace_period: int = Field(3, ge=1)
+
+
 class RayConfig(StrictModel):
     """How Ray Tune runs the trials; only ``main.py`` reads this section."""
 
@@ -96,7 +133,11 @@ class RayConfig(StrictModel):
     include_dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     verbose: int = Field(1, ge=0, le=3)
-    search_space: dict[str, dict[str, list[Any]]] = {}
+    max_failures: int = Field(1, ge=0)  # retries of a crashed trial, each from its latest checkpoint
+    search_alg: Literal["random", "optuna"] = "random"  # random/grid sampling, or Optuna's TPE
+    scheduler: Annotated[Union[FIFOSchedulerConfig, ASHASchedulerConfig, PBTSchedulerConfig], Field(discriminator="name")] = FIFOSchedulerConfig()
+    plateau_stopper: PlateauStopperConfig | None = None
+    search_space: SearchSpace = {}
 
     @field_validator("metric")
     @classmethod
@@ -105,6 +146,14 @@ class RayConfig(StrictModel):
         if not metric.startswith("val/"):
             raise ValueError(f"metric must be a validation metric 'val/...', got {metric!r}")
         return metric
+
+    @model_validator(mode="after")
+    def _optuna_cannot_grid(self) -> "RayConfig":
+        if self.search_alg == "optuna":
+            grids = [path for path, spec in self.search_space.items() if "grid" in spec]
+            if grids:
+                raise ValueError(f"search_alg 'optuna' cannot run grid searches ({', '.join(grids)}): use choice instead")
+        return self
 
 
 class Config(StrictModel):
@@ -178,40 +227,40 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
-def search_space_samples(path: str, spec: dict[str, list[Any]]) -> list[Any]:
+def search_space_samples(path: str, spec: dict[str, list[Any]], where: str = "ray_conf.search_space") -> list[Any]:
     """Values a search-space spec can produce at its extremes, to validate before Ray starts.
 
     ``{"choice": [a, b]}`` and ``{"grid": [a, b]}`` give every value; ``{"uniform": [lo, hi]}``,
     ``{"loguniform": [lo, hi]}``, ``{"randint": [lo, hi]}`` and ``{"quniform": [lo, hi, q]}`` give the bounds.
     """
     if len(spec) != 1:
-        raise ConfigError(f"ray_conf.search_space.{path}: give exactly one of {', '.join(SEARCH_SPACE_KINDS)}, got {sorted(spec)}")
+        raise ConfigError(f"{where}.{path}: give exactly one of {', '.join(SEARCH_SPACE_KINDS)}, got {sorted(spec)}")
     (kind, args), = spec.items()
     if kind not in SEARCH_SPACE_KINDS:
-        raise ConfigError(f"ray_conf.search_space.{path}: unknown kind {kind!r}; valid kinds: {', '.join(SEARCH_SPACE_KINDS)}")
+        raise ConfigError(f"{where}.{path}: unknown kind {kind!r}; valid kinds: {', '.join(SEARCH_SPACE_KINDS)}")
     if kind in ("choice", "grid"):
         if not args:
-            raise ConfigError(f"ray_conf.search_space.{path}.{kind}: needs at least one value")
+            raise ConfigError(f"{where}.{path}.{kind}: needs at least one value")
         return list(args)
     n_args = 3 if kind == "quniform" else 2
     if len(args) != n_args or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-        raise ConfigError(f"ray_conf.search_space.{path}.{kind}: needs {n_args} numbers, got {args!r}")
+        raise ConfigError(f"{where}.{path}.{kind}: needs {n_args} numbers, got {args!r}")
     low, high = args[0], args[1]
     if not low < high or (kind == "loguniform" and low <= 0):
-        raise ConfigError(f"ray_conf.search_space.{path}.{kind}: bounds {args[:2]!r} are not a valid range")
+        raise ConfigError(f"{where}.{path}.{kind}: bounds {args[:2]!r} are not a valid range")
     return [low, high - 1] if kind == "randint" else [low, high]
 
 
-def validate_search_space(raw: dict[str, Any], search_space: dict[str, dict[str, list[Any]]]) -> None:
+def validate_search_space(raw: dict[str, Any], search_space: SearchSpace, where: str = "ray_conf.search_space") -> None:
     """Check that every searched key exists and accepts the values its spec can produce."""
     for path, spec in search_space.items():
         if path.startswith("ray_conf."):
-            raise ConfigError(f"ray_conf.search_space.{path}: the ray_conf section cannot be searched")
-        for value in search_space_samples(path, spec):
+            raise ConfigError(f"{where}.{path}: the ray_conf section cannot be searched")
+        for value in search_space_samples(path, spec, where):
             try:
                 validate(with_overrides(raw, {path: value}))
             except ConfigError as err:
-                raise ConfigError(f"ray_conf.search_space.{path}={value!r} gives an {err}") from None
+                raise ConfigError(f"{where}.{path}={value!r} gives an {err}") from None
 
 
 def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -240,4 +289,6 @@ def load_config(config_path: str | Path, overrides: list[str] | None = None) -> 
     raw = load_raw(config_path, overrides)
     config = validate(raw)
     validate_search_space(raw, config.ray_conf.search_space)
+    if isinstance(config.ray_conf.scheduler, PBTSchedulerConfig):
+        validate_search_space(raw, config.ray_conf.scheduler.hyperparam_mutations, "ray_conf.scheduler.hyperparam_mutations")
     return config, raw

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from utils.config import load_raw, validate
+
 BEST_FILE = "best.json"
 
 
@@ -17,6 +19,13 @@ def latest_best_file(storage_path: str | Path) -> Path:
 
 
 def read_best(path: str | Path) -> dict[str, Any]:
-    """The summary of an experiment's best trial (trial id, checkpoint file, metric, value, config)."""
+    """The summary of an experiment's best trial (trial id, model export, checkpoint, metric, value, config)."""
     with Path(path).open() as f:
         return json.load(f)
+
+
+def best_model(best_file: Path | None, config_path: Path) -> tuple[Path, Path]:
+    """``(model export folder, experiment folder)`` named by ``best_file``, else by the latest
+    experiment under the ``ray_conf.storage_path`` of ``config_path``."""
+    best_file = best_file or latest_best_file(validate(load_raw(config_path)).ray_conf.storage_path)
+    return Path(read_best(best_file)["model"]), Path(best_file).parent

@@ -1,6 +1,7 @@
 """The training loop of one trial, free of Ray: ``main.py`` hands in a ``report`` callback."""
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models import DualEncoderModel, create_model
@@ -21,6 +23,8 @@ from utils.runtime import resolve_device, seed_everything
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# A self-contained model export (main.py writes one as <experiment>/best/): weights, config, metrics.
+EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_METRICS = "model.safetensors", "config.json", "metrics.json"
 
 # report(metrics, checkpoint_dir): called once per epoch; the folder is deleted after the call returns.
 ReportFn = Callable[[dict[str, float], Path], None]
@@ -120,12 +124,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[DualEncoderModel, Config]:
-    """Rebuild the model described by the config stored in ``checkpoint`` and load its weights."""
+def export_model(checkpoint: Path, folder: Path) -> Path:
+    """Write a checkpoint's weights (safetensors), resolved config and metrics into ``folder``.
+
+    The export needs nothing else to be loaded (``load_trained_model``), so post-processing does
+    not depend on Ray's trial folders, and it holds no pickled objects at all.
+    """
     state = load_checkpoint(checkpoint)
-    config = validate(state["config"])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(folder / EXPORT_WEIGHTS))
+    (folder / EXPORT_CONFIG).write_text(json.dumps(state["config"], indent=2))
+    (folder / EXPORT_METRICS).write_text(json.dumps({"epoch": state["epoch"], **state["metrics"]}, indent=2))
+    return folder
+
+
+def read_model_config(path: Path) -> Config:
+    """The resolved config stored with a model export folder or a checkpoint."""
+    path = Path(path)
+    if (path / EXPORT_CONFIG).is_file():
+        return validate(json.loads((path / EXPORT_CONFIG).read_text()))
+    return validate(load_checkpoint(path)["config"])
+
+
+def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderModel, Config]:
+    """Rebuild the model from an export folder (``best/``) or a checkpoint, with its stored config and weights."""
+    path = Path(path)
+    config = read_model_config(path)
     model = build_model(config, device)
-    model.load_state_dict(state["model"])
+    weights = load_file(str(path / EXPORT_WEIGHTS)) if (path / EXPORT_WEIGHTS).is_file() else load_checkpoint(path)["model"]
+    model.load_state_dict(weights)
     return model.eval(), config
 
 
@@ -158,6 +186,11 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state["config"]["optimizer"]["lr"] != config.optimizer.lr:
+            # Population based training restarted this trial from another trial's checkpoint with a
+            # perturbed lr: the restored optimizer state would otherwise keep the old one.
+            for group in optimizer.param_groups:
+                group["lr"] = config.optimizer.lr
         first_epoch = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", resume_from, first_epoch)
 

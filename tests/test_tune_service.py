@@ -1,0 +1,140 @@
+"""The tuning service under stress: early stopping, crashed trials, interrupted experiments, clusters."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray import tune
+
+from conftest import REPO_ROOT, TINY_OVERRIDES
+from main import run_experiment
+from utils.config import validate, with_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def trial_folders(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("train_trial"))
+
+
+def epochs(trial: Path) -> list[int]:
+    return pd.read_csv(trial / "progress.csv")["epoch"].tolist()
+
+
+def test_asha_stops_weak_trials_of_a_two_parameter_search(tiny_raw, ray_session):
+    raw = with_overrides(tiny_raw, {
+        "param_conf.num_epochs": 4,
+        "ray_conf.max_concurrent_trials": 1,  # sequential, so every later trial meets a recorded rung
+        "ray_conf.scheduler": {"name": "ASHA", "grace_period": 1, "reduction_factor": 2},
+        "ray_conf.search_space": {"optimizer.lr": {"grid": [0.01, 1e-9]}, "criterion.temperature": {"grid": [0.05, 0.1]}},
+    })
+    experiment = run_experiment(validate(raw), raw)
+    table = pd.read_csv(experiment / "results.csv")
+    assert len(table) == 4
+    stopped = table[table["epochs_run"] < 4]
+    assert len(stopped) >= 1, table[["param/optimizer.lr", "param/criterion.temperature", "epochs_run", "val/t2a_mAP@10"]]
+    assert table.iloc[0]["param/optimizer.lr"] == 0.01  # the best trial is a learning one
+    assert (table.loc[table["param/optimizer.lr"] == 0.01, "epochs_run"] == 4).any()
+
+
+class KillTrialOnce(tune.Callback):
+    """SIGKILLs the trial process as soon as its first checkpoint is registered, like a lost node."""
+
+    def __init__(self):
+        self.killed, self.recovered = False, 0
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if not self.killed:
+            self.killed = True
+            os.kill(trial.last_result["pid"], signal.SIGKILL)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.recovered += 1
+
+
+def test_killed_trial_resumes_from_its_checkpoint(tiny_raw, ray_session):
+    raw = with_overrides(tiny_raw, {"param_conf.num_epochs": 3, "ray_conf.max_failures": 1})
+    killer = KillTrialOnce()
+    experiment = run_experiment(validate(raw), raw, callbacks=[killer])
+    assert killer.killed and killer.recovered == 1
+    (trial,) = trial_folders(experiment)
+    # Restarted from the epoch-1 checkpoint: epoch 1 is not trained twice.
+    assert epochs(trial) == [1, 2, 3]
+    assert json.loads((experiment / "best.json").read_text())["epoch"] in (1, 2, 3)
+
+
+def run_main(*args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def overrides(raw_dataset: Path, storage: Path, *extra: str) -> list[str]:
+    return TINY_OVERRIDES + [f"data.dataset_dir={raw_dataset}", f"ray_conf.storage_path={storage}", *extra]
+
+
+def test_interrupted_experiment_is_completed_by_resume(tiny_dataset, tmp_path):
+    storage = tmp_path / "runs"
+    args = overrides(tiny_dataset, storage, "param_conf.num_epochs=2", "ray_conf.max_concurrent_trials=1",
+                     "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.001]}}")
+    proc = run_main(*args)
+    deadline = time.time() + 240
+    first = None
+    while time.time() < deadline and first is None:  # wait until one trial has finished both epochs
+        time.sleep(0.5)
+        for progress in storage.glob("*/train_trial_*/progress.csv"):
+            if len(pd.read_csv(progress)) == 2:
+                first = progress
+    assert first is not None, proc.communicate(timeout=60)[0][-3000:]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while the second trial runs or is about to
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume" in output
+    experiment = first.parent.parent
+    assert not (experiment / "best.json").exists()
+    finished = first.read_text()
+
+    resumed = run_main("--resume", experiment, "ray_conf.include_dashboard=false")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert first.read_text() == finished  # the finished trial was kept, not rerun
+    assert [epochs(t) for t in trial_folders(experiment)] == [[1, 2], [1, 2]]
+    assert len(pd.read_csv(experiment / "results.csv")) == 2 and (experiment / "best" / "model.safetensors").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
+    port = free_port()
+    ray_cli = Path(sys.executable).parent / "ray"
+    head_log = tmp_path / "head.log"
+    short_tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay under 107 bytes
+    with head_log.open("w") as log_file:
+        head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                                 "--disable-usage-stats", f"--temp-dir={short_tmp}"], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in head_log.read_text():
+            assert head.poll() is None and time.time() < deadline, head_log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc = run_main("--address", f"127.0.0.1:{port}", *overrides(tiny_dataset, tmp_path / "runs"))
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+        assert "Connecting to existing Ray cluster at address: " in output and f":{port}..." in output  # joined, did not start its own
+        assert len(list((tmp_path / "runs").glob("*/best.json"))) == 1
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(short_tmp, ignore_errors=True)
