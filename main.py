@@ -94,7 +94,7 @@ def make_scheduler(rc: RayConfig, num_epochs: int) -> tune.schedulers.TrialSched
     if sched.name == "PBT":
         return PopulationBasedTraining(
             time_attr="training_iteration", perturbation_interval=sched.perturbation_interval, burn_in_period=sched.burn_in_period,
-            quantile_fraction=sched.quantile_fraction, resample_probability=sched.resample_probability,
+            quantile_fraction=sched.quantile_fraction, resample_probability=sched.resample_probability, synch=sched.synch,
             hyperparam_mutations=search_space_to_tune(sched.hyperparam_mutations))
     return FIFOScheduler()
 

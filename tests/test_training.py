@@ -45,3 +45,15 @@ def test_saved_checkpoint_rebuilds_the_model(tiny_raw, tmp_path):
     assert config.model.embed_dim == 16
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reports[0][1]["model"][name])
+
+
+@pytest.mark.slow
+def test_resume_with_a_perturbed_lr_uses_the_new_lr(tiny_raw, tmp_path):
+    # What population based training does: restore another trial's checkpoint under a new lr.
+    first = []
+    train(validate(with_overrides(tiny_raw, {"optimizer.lr": 0.001})), collect(first))
+    torch.save(first[0][1], tmp_path / "checkpoint.pt")
+    resumed = []
+    config = validate(with_overrides(tiny_raw, {"optimizer.lr": 0.004, "param_conf.num_epochs": 2}))
+    train(config, collect(resumed), resume_from=tmp_path / "checkpoint.pt")
+    assert resumed[0][0]["train/lr"] == pytest.approx(0.004)

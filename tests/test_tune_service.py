@@ -138,3 +138,29 @@ def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)
         shutil.rmtree(short_tmp, ignore_errors=True)
+
+
+def test_population_based_training_exploits_and_perturbs(tiny_raw, ray_session):
+    raw = with_overrides(tiny_raw, {
+        "param_conf.num_epochs": 3,
+        "ray_conf.num_samples": 2,
+        "ray_conf.scheduler": {"name": "PBT", "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.5, "synch": True,
+                               "hyperparam_mutations": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "criterion.temperature": {"uniform": [0.05, 0.2]}}},
+    })
+    experiment = run_experiment(validate(raw), raw)
+    assert all(epochs(t)[-1] == 3 for t in trial_folders(experiment))
+    policy = (experiment / "pbt_global.txt").read_text().strip().splitlines()
+    assert policy, "PBT never copied a strong trial into a weak one"
+
+
+def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):
+    raw = with_overrides(tiny_raw, {
+        "ray_conf.search_alg": "optuna",
+        "ray_conf.num_samples": 2,
+        "ray_conf.search_space": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "model.embed_dim": {"choice": [8, 16]}},
+    })
+    experiment = run_experiment(validate(raw), raw)
+    table = pd.read_csv(experiment / "results.csv")
+    assert len(table) == 2 and table["param/model.embed_dim"].isin([8, 16]).all()
+    with pytest.raises(Exception, match="cannot run grid searches"):
+        validate(with_overrides(raw, {"ray_conf.search_space": {"optimizer.lr": {"grid": [0.1, 0.01]}}}))

@@ -108,6 +108,7 @@ class PBTSchedulerConfig(StrictModel):
     burn_in_period: int = Field(0, ge=0)
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    synch: bool = False  # wait for the whole population at each perturbation (reproducible, slower)
     hyperparam_mutations: SearchSpace = Field(min_length=1)
 
 
