@@ -22,6 +22,8 @@ import pandas as pd
 import ray
 import torch
 from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TrialPlateauStopper
@@ -64,16 +66,58 @@ def search_space_to_tune(search_space: dict[str, dict[str, list[Any]]]) -> dict[
 def train_trial(trial_params: dict[str, Any], base_config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one training run with the trial's sampled values applied."""
     config = validate(with_overrides(base_config, trial_params))
+    if config.ray_conf.workers_per_trial > 1:
+        train_data_parallel(config)
+        return
     torch.set_num_threads(max(1, int(config.ray_conf.cpus_per_trial)))
     checkpoint = tune.get_checkpoint()
     resume_from = None
     if checkpoint is not None:
         resume_from = Path(checkpoint.to_directory()) / CHECKPOINT_FILE
 
-    def report(metrics: dict[str, float], folder: Path) -> None:
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     train(config, report, resume_from=resume_from)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial; Ray Train has set up the process group."""
+    config = validate(loop_config["config"])
+    torch.set_num_threads(max(1, int(config.ray_conf.cpus_per_trial)))
+    checkpoint = ray.train.get_checkpoint()
+    resume_from = Path(checkpoint.to_directory()) / CHECKPOINT_FILE if checkpoint is not None else None
+
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
+        # Every worker must call report each epoch (it is a barrier); only rank 0 has a checkpoint.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
+
+    train(config, report, resume_from=resume_from)
+
+
+def train_data_parallel(config: Config) -> None:
+    """Run the trial as a Ray Train ``TorchTrainer`` over ``workers_per_trial`` workers.
+
+    Ray Train keeps this trial's checkpoints (under ``<experiment>/<trial id>_data_parallel``)
+    and its callback forwards rank 0's metrics, with the checkpoint path, to Tune. A retried
+    trial reuses the same run name, so Ray Train resumes it from its latest checkpoint.
+    """
+    rc = config.ray_conf
+    context = tune.get_context()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=rc.workers_per_trial, use_gpu=rc.gpus_per_trial > 0,
+                                               resources_per_worker={"CPU": rc.cpus_per_trial, "GPU": rc.gpus_per_trial}),
+        run_config=ray.train.RunConfig(
+            name=f"{context.get_trial_id()}_data_parallel",
+            storage_path=f"{rc.storage_path.rstrip('/')}/{context.get_experiment_name()}",
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rc.num_to_keep, checkpoint_score_attribute=rc.metric,
+                                                         checkpoint_score_order=rc.mode),
+        ),
+    )
+    trainer.fit()
 
 
 def check_data(config: Config) -> None:
@@ -100,8 +144,13 @@ def make_scheduler(rc: RayConfig, num_epochs: int) -> tune.schedulers.TrialSched
 
 
 def make_trainable(raw: dict[str, Any], rc: RayConfig) -> Any:
-    """The trial function with the base config attached and the per-trial resources."""
-    return tune.with_resources(tune.with_parameters(train_trial, base_config=raw), {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial})
+    """The trial function with the base config attached and the per-trial resources.
+
+    A data-parallel trial only coordinates: its Ray Train workers ask for the CPUs and GPUs,
+    so it takes a token CPU share (Ray refuses an empty request).
+    """
+    resources = {"cpu": 0.01, "gpu": 0} if rc.workers_per_trial > 1 else {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(train_trial, base_config=raw), resources)
 
 
 def init_ray(rc: RayConfig, address: str | None) -> None:
@@ -116,6 +165,17 @@ def init_ray(rc: RayConfig, address: str | None) -> None:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
 
 
+def check_resources(rc: RayConfig) -> None:
+    """Refuse a trial that needs more CPUs or GPUs than the whole cluster has: it would wait forever."""
+    workers = rc.workers_per_trial
+    need = {"CPU": workers * rc.cpus_per_trial + (0.01 if workers > 1 else 0), "GPU": workers * rc.gpus_per_trial}
+    have = ray.cluster_resources()
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0) + 1e-9:
+            raise ConfigError(f"ray_conf: one trial needs {amount:g} {kind} ({workers} worker(s) x cpus/gpus_per_trial"
+                              f"{' + 0.01 for the coordinator' if workers > 1 and kind == 'CPU' else ''}) but the cluster has {have.get(kind, 0):g}")
+
+
 def run_experiment(config: Config, raw: dict[str, Any], address: str | None = None, callbacks: list[tune.Callback] | None = None) -> Path:
     """Run a new Tuner, then write the experiment summary; returns the experiment folder.
 
@@ -124,6 +184,7 @@ def run_experiment(config: Config, raw: dict[str, Any], address: str | None = No
     """
     rc = config.ray_conf
     init_ray(rc, address)
+    check_resources(rc)
     name = f"{config.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = Path(rc.storage_path) / name
     if is_local(rc.storage_path):
@@ -187,6 +248,24 @@ def trial_histories(results: tune.ResultGrid) -> list[TrialHistory]:
     return trials
 
 
+def best_checkpoint(result: tune.Result, rc: RayConfig) -> tuple[tune.Checkpoint, dict[str, Any]]:
+    """The trial's kept checkpoint with the best selection metric, and the metrics it was saved with.
+
+    Tune keeps the checkpoints of ordinary trials; a data-parallel trial's checkpoints are
+    kept by Ray Train, and Tune only sees their paths in the ``checkpoint_path`` metric.
+    """
+    pick = max if rc.mode == "max" else min
+    if result.best_checkpoints:
+        return pick(result.best_checkpoints, key=lambda kept: kept[1][rc.metric])
+    history = result.metrics_dataframe
+    if history is not None and CHECKPOINT_PATH_KEY in history:
+        kept = history[history[CHECKPOINT_PATH_KEY].map(lambda p: isinstance(p, str) and Path(p, CHECKPOINT_FILE).is_file())]
+        if len(kept):
+            row = kept.loc[kept[rc.metric].idxmax() if rc.mode == "max" else kept[rc.metric].idxmin()]
+            return tune.Checkpoint(row[CHECKPOINT_PATH_KEY]), row.to_dict()
+    raise RuntimeError("no trial kept a checkpoint; see the errors above")
+
+
 class ExperimentInterrupted(RuntimeError):
     """Tuning stopped (Ctrl-C, lost driver) before every trial finished."""
 
@@ -201,10 +280,7 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], rc: RayConfig) -> P
         raise ExperimentInterrupted(f"{unfinished} of {len(results)} trials did not finish; continue with: python main.py --resume {results.experiment_path}")
     trials = trial_histories(results)
     best = results.get_best_result(rc.metric, rc.mode, scope="all")
-    if not best.best_checkpoints:
-        raise RuntimeError("no trial reported a checkpoint; see the errors above")
-    pick = max if rc.mode == "max" else min
-    checkpoint, metrics = pick(best.best_checkpoints, key=lambda kept: kept[1][rc.metric])
+    checkpoint, metrics = best_checkpoint(best, rc)
     experiment = Path(results.experiment_path) if is_local(rc.storage_path) else Path.home() / "ray_results" / Path(results.experiment_path).name
     experiment.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as folder:  # downloads it first when storage is remote

@@ -67,3 +67,10 @@ def test_search_space_from_yaml_is_checked_at_load(tmp_path: Path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/conf.yaml")
+
+
+def test_batch_must_split_over_data_parallel_workers():
+    with pytest.raises(ConfigError, match="split evenly"):
+        load_config(CONF, ["param_conf.batch_size=30", "ray_conf.workers_per_trial=4"])
+    config, _ = load_config(CONF, ["param_conf.batch_size=32", "ray_conf.workers_per_trial=4"])
+    assert config.ray_conf.workers_per_trial == 4

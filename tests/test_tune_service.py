@@ -164,3 +164,24 @@ def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):
     assert len(table) == 2 and table["param/model.embed_dim"].isin([8, 16]).all()
     with pytest.raises(Exception, match="cannot run grid searches"):
         validate(with_overrides(raw, {"ray_conf.search_space": {"optimizer.lr": {"grid": [0.1, 0.01]}}}))
+
+
+def test_data_parallel_trial_with_two_workers(tiny_raw, ray_session):
+    raw = with_overrides(tiny_raw, {"param_conf.num_epochs": 2, "ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 0.9})
+    experiment = run_experiment(validate(raw), raw)
+    best = json.loads((experiment / "best.json").read_text())
+    assert "_data_parallel" in best["checkpoint"] and (experiment / "best" / "model.safetensors").is_file()
+    (trial,) = trial_folders(experiment)
+    assert epochs(trial) == [1, 2]
+    assert pd.read_csv(experiment / "results.csv")["epochs_run"].tolist() == [2]
+
+
+def test_trial_larger_than_the_cluster_is_refused(tiny_raw, ray_session):
+    from utils.config import ConfigError
+
+    raw = with_overrides(tiny_raw, {"ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 1})  # 2.01 CPUs of 2
+    with pytest.raises(ConfigError, match=r"needs 2\.01 CPU"):
+        run_experiment(validate(raw), raw)
+    raw = with_overrides(tiny_raw, {"ray_conf.gpus_per_trial": 0.5})
+    with pytest.raises(ConfigError, match="needs 0.5 GPU"):
+        run_experiment(validate(raw), raw)

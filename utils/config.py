@@ -127,8 +127,9 @@ class RayConfig(StrictModel):
     num_samples: int = Field(1, gt=0)
     metric: str = "val/t2a_mAP@10"
     mode: Literal["min", "max"] = "max"
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)  # per data-parallel worker when workers_per_trial > 1
+    gpus_per_trial: float = Field(0.0, ge=0)  # likewise; fractions let trials share a GPU
+    workers_per_trial: int = Field(1, ge=1)  # > 1: data-parallel training with Ray Train inside each trial
     max_concurrent_trials: int | None = Field(None, gt=0)
     num_to_keep: int = Field(2, ge=1)
     include_dashboard: bool = True
@@ -172,6 +173,13 @@ class Config(StrictModel):
     lr_scheduler: LRSchedulerConfig = LRSchedulerConfig()
     param_conf: ParamConfig = ParamConfig()
     ray_conf: RayConfig
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> "Config":
+        workers = self.ray_conf.workers_per_trial
+        if self.param_conf.batch_size % workers or self.param_conf.batch_size // workers < 1:
+            raise ValueError(f"param_conf.batch_size {self.param_conf.batch_size} must split evenly over ray_conf.workers_per_trial={workers}")
+        return self
 
 
 # Config fields holding paths that are resolved against the config file's folder.

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def captions_csv(dataset_dir: Path, split: str) -> Path:
@@ -154,8 +154,16 @@ def collate_pairs(items: list[tuple[np.ndarray, np.ndarray, int]]) -> dict[str, 
     }
 
 
-def pair_loader(dataset: CaptionPairs, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over caption pairs; shuffling is seeded so trials are reproducible."""
+def pair_loader(dataset: CaptionPairs, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                world_size: int = 1, rank: int = 0) -> DataLoader:
+    """A DataLoader over caption pairs; shuffling is seeded so trials are reproducible.
+
+    With ``world_size > 1`` each worker reads its own shard (``DistributedSampler``; shards are
+    padded to equal length, so every worker runs the same number of equal-sized steps).
+    """
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_pairs, num_workers=num_workers)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_pairs,
                       num_workers=num_workers, generator=generator)

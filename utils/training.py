@@ -15,6 +15,7 @@ from torch import nn
 
 from models import DualEncoderModel, create_model
 from utils.config import Config, validate
+from utils.distributed import gather_batch, world
 from utils.data import CaptionPairs, audio_table, LogmelStore, logmel_file, pad_logmels, pair_loader, read_table, read_text_embeds, text_embeds_file, text_table
 from utils.losses import LOSSES
 from utils.metrics import flatten_metrics, retrieval_metrics
@@ -27,7 +28,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_METRICS = "model.safetensors", "config.json", "metrics.json"
 
 # report(metrics, checkpoint_dir): called once per epoch; the folder is deleted after the call returns.
-ReportFn = Callable[[dict[str, float], Path], None]
+# In a data-parallel run only rank 0 writes a checkpoint; the other ranks get None.
+ReportFn = Callable[[dict[str, float], Path | None], None]
 
 
 @dataclass
@@ -83,14 +85,21 @@ def build_model(config: Config, device: torch.device) -> DualEncoderModel:
 
 
 def run_epoch(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device, optimizer: torch.optim.Optimizer | None = None) -> float:
-    """Mean loss over ``loader``; trains when an optimizer is given, else only evaluates."""
+    """Mean loss over ``loader``; trains when an optimizer is given, else only evaluates.
+
+    In a data-parallel run the loss of each training step is taken over the global batch:
+    every worker's embeddings are gathered, so the negatives are those of all workers.
+    """
     model.train(optimizer is not None)
     total, batches = 0.0, 0
     with torch.set_grad_enabled(optimizer is not None):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             audio, text = model(batch["logmels"], batch["lengths"], batch["text_embeds"])
-            loss = criterion(audio, text, batch["audio_ids"])
+            audio_ids = batch["audio_ids"]
+            if optimizer is not None:
+                audio, text, audio_ids = gather_batch(audio, text, audio_ids)
+            loss = criterion(audio, text, audio_ids)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} after {batches} batches; lower the learning rate or check the features")
             if optimizer is not None:
@@ -162,13 +171,19 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
     Every epoch reports ``train/loss``, ``val/loss`` and the validation retrieval metrics
     (``val/t2a_mAP@10``, ...) with a checkpoint. The evaluation split is never touched.
+
+    Inside a ``torch.distributed`` process group (one process per worker) the model is wrapped
+    in DDP, each worker trains on its shard with ``batch_size / world size`` pairs per step,
+    and the loss sees the gathered global batch, so training matches one process with
+    ``batch_size`` pairs. Every worker validates on the whole validation split.
     """
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data, params = config.data, config.param_conf
+    world_size, rank = world()
     train_set = CaptionPairs(data.dataset_dir, data.train_split)
     val_set = CaptionPairs(data.dataset_dir, data.val_split)
-    train_loader = pair_loader(train_set, params.batch_size, True, config.seed, params.num_workers)
+    train_loader = pair_loader(train_set, params.batch_size // world_size, True, config.seed, params.num_workers, world_size, rank)
     val_loader = pair_loader(val_set, params.batch_size, False, config.seed, params.num_workers)
 
     model = create_model(config.model, n_mels=train_set.n_mels, text_dim=train_set.text_dim).to(device)
@@ -193,9 +208,13 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
                 group["lr"] = config.optimizer.lr
         first_epoch = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", resume_from, first_epoch)
+    # DDP broadcasts rank 0's (possibly restored) weights to every worker when it wraps the model.
+    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
     for epoch in range(first_epoch, params.num_epochs + 1):
-        train_loss = run_epoch(model, train_loader, criterion, device, optimizer)
+        if world_size > 1:
+            train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every worker
+        train_loss = run_epoch(trained, train_loader, criterion, device, optimizer)
         val_loss = run_epoch(model, val_loader, criterion, device)
         val = embed_split(model, data.dataset_dir, data.val_split, device, params.batch_size)
         metrics = {
@@ -207,6 +226,9 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         }
         scheduler.step(val_loss)
         log.info("epoch %d: train/loss %.4f val/loss %.4f val/t2a_mAP@10 %.4f", epoch, train_loss, val_loss, metrics["val/t2a_mAP@10"])
+        if rank > 0:
+            report(metrics, None)
+            continue
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder), model, optimizer, scheduler, config, epoch, metrics)
             report(metrics, Path(folder))
