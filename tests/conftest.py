@@ -32,6 +32,7 @@ TINY_OVERRIDES = [
     "ray_conf.include_dashboard=false",
     "ray_conf.verbose=0",
     "ray_conf.search_space={}",
+    "ray_conf.scheduler={name: FIFO}",  # tests that stop trials early choose their scheduler themselves
 ]
 
 

@@ -144,6 +144,7 @@ def test_population_based_training_exploits_and_perturbs(tiny_raw, ray_session):
     raw = with_overrides(tiny_raw, {
         "param_conf.num_epochs": 3,
         "ray_conf.num_samples": 2,
+        "ray_conf.num_to_keep": 3,
         "ray_conf.scheduler": {"name": "PBT", "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.5, "synch": True,
                                "hyperparam_mutations": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "criterion.temperature": {"uniform": [0.05, 0.2]}}},
     })
@@ -151,6 +152,8 @@ def test_population_based_training_exploits_and_perturbs(tiny_raw, ray_session):
     assert all(epochs(t)[-1] == 3 for t in trial_folders(experiment))
     policy = (experiment / "pbt_global.txt").read_text().strip().splitlines()
     assert policy, "PBT never copied a strong trial into a weak one"
+    with pytest.raises(Exception, match="num_to_keep >= 3"):
+        validate(with_overrides(raw, {"ray_conf.num_to_keep": 2}))
 
 
 def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):

@@ -150,6 +150,13 @@ class RayConfig(StrictModel):
         return metric
 
     @model_validator(mode="after")
+    def _pbt_keeps_enough_checkpoints(self) -> "RayConfig":
+        # PBT clones other trials' checkpoints; with only 1-2 kept per trial they can be deleted before the clone.
+        if self.scheduler.name == "PBT" and self.num_to_keep < 3:
+            raise ValueError(f"scheduler PBT needs num_to_keep >= 3 so the checkpoints it clones still exist, got {self.num_to_keep}")
+        return self
+
+    @model_validator(mode="after")
     def _optuna_cannot_grid(self) -> "RayConfig":
         if self.search_alg == "optuna":
             grids = [path for path, spec in self.search_space.items() if "grid" in spec]
