@@ -41,6 +41,9 @@ BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resum
 BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
 RESULTS_TABLE = "results.csv"
 SEARCH_PLOT = "search.png"
+# CPU share of a data-parallel trial's own process, which only coordinates its Ray Train workers
+# (Ray refuses an empty resource request).
+COORDINATOR_CPU = 0.01
 
 # ray_conf.search_space kinds -> Ray Tune domain constructors
 TUNE_DOMAINS = {
@@ -146,10 +149,9 @@ def make_scheduler(rc: RayConfig, num_epochs: int) -> tune.schedulers.TrialSched
 def make_trainable(raw: dict[str, Any], rc: RayConfig) -> Any:
     """The trial function with the base config attached and the per-trial resources.
 
-    A data-parallel trial only coordinates: its Ray Train workers ask for the CPUs and GPUs,
-    so it takes a token CPU share (Ray refuses an empty request).
+    A data-parallel trial only coordinates: its Ray Train workers ask for the CPUs and GPUs.
     """
-    resources = {"cpu": 0.01, "gpu": 0} if rc.workers_per_trial > 1 else {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial}
+    resources = {"cpu": COORDINATOR_CPU, "gpu": 0} if rc.workers_per_trial > 1 else {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(train_trial, base_config=raw), resources)
 
 
@@ -168,12 +170,12 @@ def init_ray(rc: RayConfig, address: str | None) -> None:
 def check_resources(rc: RayConfig) -> None:
     """Refuse a trial that needs more CPUs or GPUs than the whole cluster has: it would wait forever."""
     workers = rc.workers_per_trial
-    need = {"CPU": workers * rc.cpus_per_trial + (0.01 if workers > 1 else 0), "GPU": workers * rc.gpus_per_trial}
+    need = {"CPU": workers * rc.cpus_per_trial + (COORDINATOR_CPU if workers > 1 else 0), "GPU": workers * rc.gpus_per_trial}
     have = ray.cluster_resources()
     for kind, amount in need.items():
         if amount > have.get(kind, 0) + 1e-9:
             raise ConfigError(f"ray_conf: one trial needs {amount:g} {kind} ({workers} worker(s) x cpus/gpus_per_trial"
-                              f"{' + 0.01 for the coordinator' if workers > 1 and kind == 'CPU' else ''}) but the cluster has {have.get(kind, 0):g}")
+                              f"{f' + {COORDINATOR_CPU} for the coordinator' if workers > 1 and kind == 'CPU' else ''}) but the cluster has {have.get(kind, 0):g}")
 
 
 def run_experiment(config: Config, raw: dict[str, Any], address: str | None = None, callbacks: list[tune.Callback] | None = None) -> Path:

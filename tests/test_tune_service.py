@@ -188,3 +188,11 @@ def test_trial_larger_than_the_cluster_is_refused(tiny_raw, ray_session):
     raw = with_overrides(tiny_raw, {"ray_conf.gpus_per_trial": 0.5})
     with pytest.raises(ConfigError, match="needs 0.5 GPU"):
         run_experiment(validate(raw), raw)
+
+
+def test_plateau_stopper_ends_a_flat_trial(tiny_raw, ray_session):
+    # std=1 is wider than any mAP change, so the trial counts as flat once it has 2 results.
+    raw = with_overrides(tiny_raw, {"param_conf.num_epochs": 4, "ray_conf.plateau_stopper": {"std": 1.0, "num_results": 2, "grace_period": 2}})
+    experiment = run_experiment(validate(raw), raw)
+    (trial,) = trial_folders(experiment)
+    assert epochs(trial) == [1, 2]
