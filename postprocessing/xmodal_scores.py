@@ -21,7 +21,7 @@ from utils.config import ConfigError  # noqa: E402
 from utils.data import atomic_h5  # noqa: E402
 from utils.experiments import best_model  # noqa: E402
 from utils.runtime import resolve_device, seed_everything, setup_logging  # noqa: E402
-from utils.training import SplitEmbeddings, build_model, embed_split, load_trained_model  # noqa: E402
+from utils.training import SplitEmbeddings, build_model, embed_split, load_trained_model, read_model_config  # noqa: E402
 
 log = logging.getLogger("xmodal_scores")
 
@@ -53,10 +53,12 @@ def scores_file(out_dir: Path, split: str, untrained: bool) -> Path:
 def compute_embeddings(checkpoint: Path, split: str | None, untrained: bool) -> tuple[SplitEmbeddings, str]:
     """Embeddings of ``split`` (default: the config's eval split) under the checkpoint's model; returns the split too."""
     device = resolve_device("auto")
-    model, config = load_trained_model(checkpoint, device)
     if untrained:
+        config = read_model_config(checkpoint)
         seed_everything(config.seed)
-        model = build_model(config, device)
+        model = build_model(config, device).eval()
+    else:
+        model, config = load_trained_model(checkpoint, device)
     split = split or config.data.eval_split
     log.info("embedding %s split of %s with the %s model", split, config.data.dataset_dir, "untrained" if untrained else "trained")
     return embed_split(model, config.data.dataset_dir, split, device, config.param_conf.batch_size), split

@@ -46,6 +46,12 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
     assert list(submission.columns) == ["caption"] + [f"fname_{k}" for k in range(1, 11)]
     assert len(submission) == 60  # 12 evaluation clips x 5 captions
 
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py"), "--best", str(experiment / "best.json"), "--untrained"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    untrained = json.loads((experiment / "retrieval_metrics_untrained.json").read_text())
+    assert untrained["untrained"] and untrained["t2a"] != metrics["t2a"]
+
 
 def test_every_config_search_kind_maps_to_a_ray_domain():
     from main import TUNE_DOMAINS, search_space_to_tune

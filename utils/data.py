@@ -106,6 +106,14 @@ def read_text_embeds(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
         return f["cid"][:].astype(np.int64), f["embedding"][:].astype(np.float32), str(f.attrs["model_name"])
 
 
+def text_embed_dim(path: Path) -> int:
+    """Width of the sentence embeddings in ``{split}_text_embeds.h5``, read without loading them."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run preprocessing/sbert_embeddings.py first")
+    with h5py.File(path, "r") as f:
+        return int(f["embedding"].shape[1])
+
+
 class CaptionPairs(Dataset):
     """One item per caption: ``(logmel (T, n_mels), text embedding (dim,), fid)``.
 

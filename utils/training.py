@@ -16,7 +16,7 @@ from torch import nn
 from models import DualEncoderModel, create_model
 from utils.config import Config, validate
 from utils.distributed import gather_batch, world
-from utils.data import CaptionPairs, audio_table, LogmelStore, logmel_file, pad_logmels, pair_loader, read_table, read_text_embeds, text_embeds_file, text_table
+from utils.data import CaptionPairs, audio_table, LogmelStore, logmel_file, pad_logmels, pair_loader, read_table, read_text_embeds, text_embed_dim, text_embeds_file, text_table
 from utils.losses import LOSSES
 from utils.metrics import flatten_metrics, retrieval_metrics
 from utils.runtime import resolve_device, seed_everything
@@ -80,8 +80,8 @@ def build_model(config: Config, device: torch.device) -> DualEncoderModel:
     """Create the model for ``config`` with the feature and text dimensions of its dataset."""
     data = config.data
     n_mels = LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels
-    _, embeds, _ = read_text_embeds(text_embeds_file(data.dataset_dir, data.train_split))
-    return create_model(config.model, n_mels=n_mels, text_dim=embeds.shape[1]).to(device)
+    text_dim = text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split))
+    return create_model(config.model, n_mels=n_mels, text_dim=text_dim).to(device)
 
 
 def run_epoch(model: nn.Module, loader: Any, criterion: nn.Module, device: torch.device, optimizer: torch.optim.Optimizer | None = None) -> float:
