@@ -30,7 +30,7 @@ from ray.tune.stopper import TrialPlateauStopper
 
 from utils.config import Config, ConfigError, RayConfig, load_config, validate, with_overrides
 from utils.data import logmel_file, text_embeds_file
-from utils.experiments import BEST_FILE
+from utils.experiments import BEST_FILE, latest_experiment_file
 from utils.reporting import TrialHistory, plot_metric, results_table
 from utils.runtime import setup_logging
 from utils.training import CHECKPOINT_FILE, export_model, train
@@ -222,10 +222,10 @@ def resume_experiment(path: Path | None, storage_path: str, address: str | None 
     """Continue an interrupted experiment: finished trials are kept, unfinished and errored ones
     continue from their latest checkpoints. ``path`` defaults to the newest experiment."""
     if path is None:
-        candidates = sorted(Path(storage_path).glob(f"*/{BASE_CONFIG}"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
+        base_config = latest_experiment_file(storage_path, BASE_CONFIG)
+        if base_config is None:
             raise ConfigError(f"no experiment to resume under {storage_path}")
-        path = candidates[-1].parent
+        path = base_config.parent
     path = Path(path).resolve()
     if not (path / BASE_CONFIG).is_file() or not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"{path} is not a resumable experiment folder of main.py")

@@ -43,11 +43,16 @@ def text_embeds_file(dataset_dir: Path, split: str) -> Path:
     return Path(dataset_dir) / f"{split}_text_embeds.h5"
 
 
+def require_file(path: Path, writer: str) -> Path:
+    """``path`` if it exists; else a ``FileNotFoundError`` naming what writes it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run {writer} first")
+    return Path(path)
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV written by preprocessing; a missing file names the script that writes it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the preprocessing scripts first (see README)")
-    return pd.read_csv(path, keep_default_na=False)
+    return pd.read_csv(require_file(path, "the preprocessing scripts (see README)"), keep_default_na=False)
 
 
 @contextmanager
@@ -75,9 +80,7 @@ class LogmelStore:
     """
 
     def __init__(self, path: Path) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} not found: run preprocessing/audio_logmel.py first")
-        self.path = Path(path)
+        self.path = require_file(path, "preprocessing/audio_logmel.py")
         with h5py.File(self.path, "r") as f:
             self.fids = f["fid"][:].astype(np.int64)
             self.offsets = f["offsets"][:].astype(np.int64)
@@ -100,17 +103,13 @@ class LogmelStore:
 
 def read_text_embeds(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """``(cids (n,), embeddings (n, dim) float32, model name)`` from ``{split}_text_embeds.h5``."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: run preprocessing/sbert_embeddings.py first")
-    with h5py.File(path, "r") as f:
+    with h5py.File(require_file(path, "preprocessing/sbert_embeddings.py"), "r") as f:
         return f["cid"][:].astype(np.int64), f["embedding"][:].astype(np.float32), str(f.attrs["model_name"])
 
 
 def text_embed_dim(path: Path) -> int:
     """Width of the sentence embeddings in ``{split}_text_embeds.h5``, read without loading them."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: run preprocessing/sbert_embeddings.py first")
-    with h5py.File(path, "r") as f:
+    with h5py.File(require_file(path, "preprocessing/sbert_embeddings.py"), "r") as f:
         return int(f["embedding"].shape[1])
 
 

@@ -10,12 +10,18 @@ from utils.config import load_raw, validate
 BEST_FILE = "best.json"
 
 
+def latest_experiment_file(storage_path: str | Path, name: str) -> Path | None:
+    """The most recently written ``<storage_path>/<experiment>/<name>``, or None when there is none."""
+    candidates = sorted(Path(storage_path).glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
 def latest_best_file(storage_path: str | Path) -> Path:
     """The most recently written ``<storage_path>/<experiment>/best.json``."""
-    candidates = sorted(Path(storage_path).glob(f"*/{BEST_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+    best_file = latest_experiment_file(storage_path, BEST_FILE)
+    if best_file is None:
         raise FileNotFoundError(f"no {BEST_FILE} under {storage_path}: run main.py first, or pass --best/--checkpoint")
-    return candidates[-1]
+    return best_file
 
 
 def read_best(path: str | Path) -> dict[str, Any]:
