@@ -10,6 +10,7 @@ interrupted experiment. Only this file talks to Ray; the training loop is ``util
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -28,8 +29,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TrialPlateauStopper
 
-from utils.config import Config, ConfigError, RayConfig, load_config, validate, with_overrides
+from utils.config import Config, RayConfig, load_config, validate, with_overrides
 from utils.data import logmel_file, text_embeds_file
+from utils.errors import ConfigError, exit_on_input_error
 from utils.experiments import BEST_FILE, latest_experiment_file
 from utils.reporting import TrialHistory, plot_metric, results_table
 from utils.runtime import setup_logging
@@ -123,13 +125,21 @@ def train_data_parallel(config: Config) -> None:
     trainer.fit()
 
 
-def check_data(config: Config) -> None:
-    """Fail before Ray starts when the preprocessed training or validation files are missing."""
-    data = config.data
+def check_before_ray(config: Config, joins_cluster: bool) -> None:
+    """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing
+    preprocessed data, ``device: cuda`` without GPUs for the trials, or (on this machine) a
+    trial bigger than the machine. A cluster's size is checked once joined (``check_resources``)."""
+    data, rc = config.data, config.ray_conf
     for split in (data.train_split, data.val_split):
         for path in (logmel_file(data.dataset_dir, split), text_embeds_file(data.dataset_dir, split)):
             if not path.is_file():
                 raise ConfigError(f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)")
+    if config.device == "cuda" and rc.gpus_per_trial == 0:
+        raise ConfigError("device: 'cuda' needs ray_conf.gpus_per_trial > 0: Ray hides the GPUs from trials that reserve none "
+                          "(a fraction such as 0.5 shares a GPU), or use device: auto")
+    if not joins_cluster:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        check_resources(rc, {"CPU": cpus, "GPU": torch.cuda.device_count()}, "this machine")
 
 
 def make_scheduler(rc: RayConfig, num_epochs: int) -> tune.schedulers.TrialScheduler:
@@ -159,23 +169,38 @@ def init_ray(rc: RayConfig, address: str | None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray with the dashboard on ``dashboard_host``."""
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(address):
         context = ray.init(address=address)
     else:
+        if rc.include_dashboard and not is_loopback(rc.dashboard_host):
+            log.warning("the Ray dashboard and job API listen on %s without authentication: anyone who reaches that "
+                        "address can run code here. Prefer 127.0.0.1 and an SSH tunnel (README, 'Running on a cluster')", rc.dashboard_host)
         context = ray.init(include_dashboard=rc.include_dashboard, dashboard_host=rc.dashboard_host)
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
 
 
-def check_resources(rc: RayConfig) -> None:
-    """Refuse a trial that needs more CPUs or GPUs than the whole cluster has: it would wait forever."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine (``127.0.0.1``, ``::1``, ``localhost``)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def joins_cluster(address: str | None) -> bool:
+    """Whether ``main.py`` joins a running cluster (``--address`` or ``RAY_ADDRESS``) rather than starting Ray here."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_resources(rc: RayConfig, have: dict[str, float], where: str = "the Ray cluster") -> None:
+    """Refuse a trial that needs more CPUs or GPUs than ``have`` (all of ``where``): it would wait forever."""
     workers = rc.workers_per_trial
     need = {"CPU": workers * rc.cpus_per_trial + (COORDINATOR_CPU if workers > 1 else 0), "GPU": workers * rc.gpus_per_trial}
-    have = ray.cluster_resources()
     for kind, amount in need.items():
         if amount > have.get(kind, 0) + 1e-9:
             raise ConfigError(f"ray_conf: one trial needs {amount:g} {kind} ({workers} worker(s) x cpus/gpus_per_trial"
-                              f"{f' + {COORDINATOR_CPU} for the coordinator' if workers > 1 and kind == 'CPU' else ''}) but the cluster has {have.get(kind, 0):g}")
+                              f"{f' + {COORDINATOR_CPU} for the coordinator' if workers > 1 and kind == 'CPU' else ''}) but {where} has {have.get(kind, 0):g}")
 
 
 def run_experiment(config: Config, raw: dict[str, Any], address: str | None = None, callbacks: list[tune.Callback] | None = None) -> Path:
@@ -186,7 +211,7 @@ def run_experiment(config: Config, raw: dict[str, Any], address: str | None = No
     """
     rc = config.ray_conf
     init_ray(rc, address)
-    check_resources(rc)
+    check_resources(rc, ray.cluster_resources())
     name = f"{config.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = Path(rc.storage_path) / name
     if is_local(rc.storage_path):
@@ -321,18 +346,17 @@ def main() -> None:
     setup_logging()
     # Ray's TensorBoard logger renames every '@' metric ("R@1" -> "R_1") with one INFO line per key and epoch.
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
-    try:
+    with exit_on_input_error():
         config, raw = load_config(args.config, args.overrides)
-        if args.resume:
-            resume_experiment(None if args.resume == "latest" else Path(args.resume), config.ray_conf.storage_path, args.address)
-        else:
-            check_data(config)
-            run_experiment(config, raw, args.address)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    except ExperimentInterrupted as err:
-        log.warning("%s", err)
-        sys.exit(130)
+        try:
+            if args.resume:
+                resume_experiment(None if args.resume == "latest" else Path(args.resume), config.ray_conf.storage_path, args.address)
+            else:
+                check_before_ray(config, joins_cluster(args.address))
+                run_experiment(config, raw, args.address)
+        except ExperimentInterrupted as err:
+            log.warning("%s", err)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

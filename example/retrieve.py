@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from utils.audio import AudioError, file_logmel  # noqa: E402
-from utils.config import ConfigError  # noqa: E402
+from utils.audio import file_logmel  # noqa: E402
+from utils.errors import exit_on_input_error  # noqa: E402
 from utils.data import pad_logmels  # noqa: E402
 from utils.experiments import best_model  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
@@ -47,12 +47,10 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device("auto")
-    try:
+    with exit_on_input_error():
         checkpoint = args.checkpoint or best_model(args.best, args.config)[0]
         model, config = load_trained_model(checkpoint, device)
         batch, lengths = pad_logmels([file_logmel(path, config.features) for path in args.audio])
-    except (ConfigError, FileNotFoundError, AudioError) as err:
-        sys.exit(f"error: {err}")
     audio_names = [p.name for p in args.audio]
     audio = model.encode_audio(batch.to(device), lengths.to(device))  # (n_files, E)
     sentence_model = load_sentence_model(config.text_embeddings.model_name, device)

@@ -7,9 +7,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
+from models.weights import load_weights, read_safetensors
 from utils.registry import Registry
 from utils.strict_model import StrictModel
 
@@ -103,7 +103,7 @@ class CNN14Encoder(ConvStackEncoder):
     def __init__(self, n_mels: int, weight: Path | None = None, trainable: bool = True, dropout: float = 0.2) -> None:
         super().__init__(n_mels, [64, 128, 256, 512, 1024, 2048], out_dim=2048, dropout=dropout, last_pool=1)
         if weight is not None:
-            self.load_state_dict(load_file(str(weight)))
+            load_weights(self, read_safetensors(weight), f"model.audio_enc.weight {weight}")
             log.info("CNN14Encoder: loaded pretrained weights from %s", weight)
         self.requires_grad_(trainable)
 

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from postprocessing.xmodal_scores import add_source_arguments, load_scores, resolve_source, scores_file, write_scores  # noqa: E402
-from utils.config import ConfigError  # noqa: E402
+from utils.errors import exit_on_input_error  # noqa: E402
 from utils.metrics import retrieval_metrics  # noqa: E402
 from utils.runtime import setup_logging  # noqa: E402
 from utils.training import read_model_config  # noqa: E402
@@ -54,15 +54,13 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     torch.set_grad_enabled(False)
-    try:
+    with exit_on_input_error():
         checkpoint, out_dir = resolve_source(args)
         split = args.split or read_model_config(checkpoint).data.eval_split
         path = scores_file(out_dir, split, args.untrained)
         if args.rescore or not path.is_file():
             args.split = split
             path = write_scores(args)
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
 
     scores, fnames, captions, caption_audio = load_scores(path)
     metrics = retrieval_metrics(scores, caption_audio)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from utils.config import ConfigError  # noqa: E402
+from utils.errors import exit_on_input_error  # noqa: E402
 from utils.data import atomic_h5  # noqa: E402
 from utils.experiments import best_model  # noqa: E402
 from utils.runtime import resolve_device, seed_everything, setup_logging  # noqa: E402
@@ -97,10 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     torch.set_grad_enabled(False)
-    try:
+    with exit_on_input_error():
         write_scores(args)
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -2,66 +2,178 @@
 
 Analysis parameters come from the ``features`` section of the config (sample rate, window,
 hop, mel bands). Clips are processed on all cores with a progress bar; a file that cannot
-be decoded, is shorter than one window or yields NaN/inf is reported and skipped. The
-output is written under a temporary name and renamed when complete, so a crash never
-leaves a half-written ``{split}_logmel.h5`` behind.
+be decoded, is truncated, shorter than one window or longer than ``features.max_seconds``,
+or yields NaN/inf is reported and skipped, and the rest is processed.
+
+Work is saved in parts of ``--part-size`` clips (``{split}_logmel.parts/``), so a rerun after
+a crash or Ctrl-C continues where it stopped, and a split whose ``{split}_logmel.h5`` already
+matches the clip table and the features config is not redone (``--overwrite`` forces it).
+Every file is written under a temporary name and renamed when complete: a crash never
+leaves a half-written file behind.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from utils.audio import AudioError, file_logmel  # noqa: E402
-from utils.config import ConfigError, FeatureConfig, load_raw, validate  # noqa: E402
-from utils.data import atomic_h5, audio_table, logmel_file, read_table  # noqa: E402
+from utils.audio import file_logmel  # noqa: E402
+from utils.config import FeatureConfig, load_raw, validate  # noqa: E402
+from utils.data import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table  # noqa: E402
+from utils.errors import AudioError, DatasetError, exit_on_input_error  # noqa: E402
 from utils.runtime import setup_logging  # noqa: E402
 
 log = logging.getLogger("audio_logmel")
+
+PART_SIZE = 256  # clips per part file: the work a rerun after a crash may have to repeat
+TEXT = h5py.string_dtype()  # variable-length UTF-8 strings: file names and skip reasons, no pickle
 
 
 def _extract(path: Path, features: FeatureConfig) -> np.ndarray | str:
     """Features of one file, or the error message when it is unusable (returned, not raised, across processes)."""
     try:
         return file_logmel(path, features)
-    except AudioError as err:
+    except (AudioError, FileNotFoundError) as err:
         return str(err)
 
 
-def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, workers: int) -> list[str]:
-    """Write ``{split}_logmel.h5`` for every clip of ``{split}_audio.csv``; returns the skipped files' messages."""
-    audio = read_table(audio_table(dataset_dir, split))
-    paths = [dataset_dir / split / f for f in audio["fname"]]
-    target = logmel_file(dataset_dir, split)
-    kept_fids, chunks, skipped = [], [], []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(partial(_extract, features=features), paths, chunksize=8)
-        for fid, result in tqdm(zip(audio["fid"], results), total=len(paths), desc=f"log-mel {split}", unit="clip"):
-            if isinstance(result, str):
-                skipped.append(result)
-            else:
-                kept_fids.append(int(fid))
-                chunks.append(result)
-    if not chunks:
-        raise RuntimeError(f"{split}: no usable audio file; nothing written")
-    offsets = np.cumsum([0] + [c.shape[0] for c in chunks])
+def _strings(values: list[str]) -> np.ndarray:
+    return np.asarray(values, dtype=object).astype(TEXT) if values else np.zeros(0, dtype=TEXT)
+
+
+def write_index(f: h5py.File, features: FeatureConfig, fids: list[int], fnames: list[str],
+                kept_fids: list[int], offsets: np.ndarray, skipped: list[tuple[int, str]]) -> None:
+    """Write everything of a store but its ``logmel`` frames.
+
+    ``offsets`` (n+1,) marks the rows of each kept clip ``fid`` in ``logmel``;
+    ``skipped_fid``/``skipped_reason`` list the unusable clips; ``source_fid``/``source_fname``
+    and the ``features`` attribute record what the file was made from, so that a rerun can
+    tell whether it is up to date.
+    """
+    f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+    f.create_dataset("fid", data=np.asarray(kept_fids, dtype=np.int64))
+    f.create_dataset("skipped_fid", data=np.asarray([fid for fid, _ in skipped], dtype=np.int64))
+    f.create_dataset("skipped_reason", data=_strings([reason for _, reason in skipped]))
+    f.create_dataset("source_fid", data=np.asarray(fids, dtype=np.int64))
+    f.create_dataset("source_fname", data=_strings(fnames))
+    f.attrs["features"] = features.model_dump_json()
+
+
+def made_from(path: Path, features: FeatureConfig, fids: list[int], fnames: list[str]) -> bool:
+    """Whether the store at ``path`` is complete for exactly these clips and features."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return (f.attrs.get("features") == features.model_dump_json() and f["source_fid"][:].tolist() == fids
+                    and f["source_fname"].asstr()[:].tolist() == fnames)
+    except (OSError, KeyError):  # an unreadable or foreign file is simply made again
+        return False
+
+
+def skipped_clips(f: h5py.File) -> list[tuple[int, str]]:
+    return list(zip(f["skipped_fid"][:].tolist(), f["skipped_reason"].asstr()[:].tolist()))
+
+
+def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int], fnames: list[str],
+                 progress: tqdm, target: Path) -> None:
+    """Extract the clips of one part with ``pool`` and write them to ``target`` (frames and index)."""
+    kept, skipped, paths = [], [], []
+    for fid, fname in zip(fids, fnames):
+        try:
+            paths.append((fid, dataset_member(split_dir, fname)))
+        except DatasetError as err:
+            skipped.append((fid, str(err)))
+            progress.update()
+    for (fid, _), result in zip(paths, pool.map(partial(_extract, features=features), [p for _, p in paths], chunksize=8)):
+        if isinstance(result, str):
+            skipped.append((fid, result))
+        else:
+            kept.append((fid, result))
+        progress.update()
+    frames = np.concatenate([m for _, m in kept]) if kept else np.zeros((0, features.n_mels), np.float32)
     with atomic_h5(target) as f:
-        f.create_dataset("logmel", data=np.concatenate(chunks), chunks=(min(512, int(offsets[-1])), features.n_mels))
-        f.create_dataset("offsets", data=offsets)
-        f.create_dataset("fid", data=np.asarray(kept_fids, dtype=np.int64))
-        for key, value in features.model_dump().items():
-            f.attrs[key] = "none" if value is None else value
-    log.info("%s: %d clips, %d frames -> %s", split, len(kept_fids), offsets[-1], target)
-    return skipped
+        f.create_dataset("logmel", data=frames, chunks=(max(1, min(512, len(frames))), features.n_mels))
+        write_index(f, features, fids, fnames, [fid for fid, _ in kept], np.cumsum([0] + [len(m) for _, m in kept]), skipped)
+
+
+def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str]) -> tuple[int, list[str]]:
+    """Copy the parts, one at a time, into the split's store; returns ``(kept clips, skip reasons)``."""
+    kept_fids, offsets, skipped, total = [], [np.zeros(1, np.int64)], [], 0
+    for part in parts:
+        with h5py.File(part, "r") as f:
+            total += f["logmel"].shape[0]
+    with atomic_h5(target) as out:
+        frames = out.create_dataset("logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=(max(1, min(512, total)), features.n_mels))
+        row = 0
+        for part in parts:
+            with h5py.File(part, "r") as f:
+                n = f["logmel"].shape[0]
+                frames[row : row + n] = f["logmel"][:]
+                offsets.append(f["offsets"][1:] + row)
+                kept_fids += f["fid"][:].tolist()
+                skipped += skipped_clips(f)
+                row += n
+        if not kept_fids:
+            raise DatasetError(f"no usable audio file (see the skipped files above); nothing written to {target}")
+        write_index(out, features, fids, fnames, kept_fids, np.concatenate(offsets), skipped)
+    return len(kept_fids), [reason for _, reason in skipped]
+
+
+def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, workers: int,
+                  part_size: int = PART_SIZE, overwrite: bool = False) -> list[str]:
+    """Write ``{split}_logmel.h5`` for every clip of ``{split}_audio.csv``; returns the skipped files' messages."""
+    audio = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
+    fids, fnames = [int(f) for f in audio["fid"]], [str(f) for f in audio["fname"]]
+    target = logmel_file(dataset_dir, split)
+    if not overwrite and made_from(target, features, fids, fnames):
+        log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
+        with h5py.File(target, "r") as f:
+            return [reason for _, reason in skipped_clips(f)]
+
+    parts_dir = target.with_name(f"{target.stem}.parts")
+    if overwrite:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(exist_ok=True)
+    slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
+    parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
+    todo = [i for i, s in enumerate(slices) if not made_from(parts[i], features, fids[s], fnames[s])]
+    done_clips = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
+    if done_clips:
+        log.info("%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir)
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool, \
+            tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
+        for i in todo:
+            extract_part(pool, features, Path(dataset_dir) / split, fids[slices[i]], fnames[slices[i]], progress, parts[i])
+    kept, reasons = merge_parts(parts, target, features, fids, fnames)
+    shutil.rmtree(parts_dir)
+    log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
+    return reasons
+
+
+class _InProcess:
+    """``ProcessPoolExecutor`` stand-in for ``--workers 1``: the same ``map``, in this process."""
+
+    def __enter__(self) -> "_InProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn, items, chunksize: int = 1):
+        return map(fn, items)
 
 
 def main() -> None:
@@ -69,17 +181,17 @@ def main() -> None:
     parser.add_argument("--dataset-dir", type=Path, required=True, help="dataset folder indexed by clotho_dataset.py")
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "conf.yaml", help="config with the features section (default: conf.yaml)")
     parser.add_argument("--splits", nargs="+", default=["development", "validation", "evaluation"], help="splits to process")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores; 1 runs in this process)")
+    parser.add_argument("--part-size", type=int, default=PART_SIZE, help=f"clips per saved part, the most a rerun repeats (default: {PART_SIZE})")
+    parser.add_argument("--overwrite", action="store_true", help="recompute splits and parts that are already done")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. features.n_mels=128")
     args = parser.parse_args()
     setup_logging()
-    try:
+    with exit_on_input_error():
         features = validate(load_raw(args.config, args.overrides)).features
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    for split in args.splits:
-        for message in extract_split(args.dataset_dir, split, features, args.workers):
-            log.warning("skipped %s", message)
+        for split in args.splits:
+            for message in extract_split(args.dataset_dir, split, features, args.workers, args.part_size, args.overwrite):
+                log.warning("skipped %s", message)
 
 
 if __name__ == "__main__":

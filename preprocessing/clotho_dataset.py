@@ -4,8 +4,13 @@ Reads ``{split}_captions.csv`` (``fname,raw_text,text``) and ``{split}/`` audio,
 ``{split}_audio.csv`` (``fid,fname,duration``) and ``{split}_text.csv``
 (``cid,fid,fname,raw_text,text``). Ids are not random: ``fid`` is the clip's position in the
 sorted list of file names of the captions file and ``cid`` the caption's row in it, so they
-are the same on every run and do not shift when a bad file is dropped. A caption whose
-audio file is missing or unreadable is reported by name and dropped.
+are the same on every run and do not shift when a bad row or file is dropped.
+
+Dropped with a warning naming the line or file: empty captions, repeated (file, caption)
+rows, file names with a folder in them (a CSV may not point outside ``{split}/``), and
+clips whose audio is missing, unreadable, empty or truncated. A file name used in more than
+one split is reported too (Clotho v2 itself has four). The tables are written only when
+complete, never half.
 """
 from __future__ import annotations
 
@@ -15,55 +20,72 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from utils.data import audio_table, captions_csv, text_table  # noqa: E402
+from utils.audio import audio_duration  # noqa: E402
+from utils.data import CAPTION_COLUMNS, audio_table, captions_csv, dataset_member, read_csv, text_table, write_csv  # noqa: E402
+from utils.errors import AudioError, DatasetError, exit_on_input_error  # noqa: E402
 from utils.runtime import setup_logging  # noqa: E402
 
 log = logging.getLogger("clotho_dataset")
 
-CAPTION_COLUMNS = ("fname", "raw_text", "text")
 
+def caption_problems(captions: pd.DataFrame, csv_name: str) -> tuple[pd.Series, list[str]]:
+    """``(rows to keep, one line per dropped row)``: empty captions and repeated (file, caption) pairs.
 
-def audio_duration(path: Path) -> float:
-    """Seconds of audio in ``path``; raises ``ValueError`` naming the file when it is unreadable or empty."""
-    try:
-        info = sf.info(str(path))
-    except Exception as err:  # libsndfile raises several types for corrupt or non-audio data
-        raise ValueError(f"{path.name}: unreadable audio ({err})") from None
-    if info.frames == 0:
-        raise ValueError(f"{path.name}: contains no samples")
-    return info.frames / info.samplerate
+    Data row ``cid`` is line ``cid + 2`` of the file (line 1 is the header), unless a caption
+    above it spans several lines.
+    """
+    empty = (captions["text"].str.strip() == "") | (captions["raw_text"].str.strip() == "")
+    repeat = captions.duplicated(["fname", "text"]) & ~empty
+    first_line = captions.groupby(["fname", "text"])["cid"].transform("first") + 2
+    problems = [f"{csv_name} line {row.cid + 2}: empty caption for {row.fname!r}; dropped" for row in captions[empty].itertuples()]
+    problems += [f"{csv_name} line {row.cid + 2}: repeats line {first} ({row.fname!r}); dropped"
+                 for row, first in zip(captions[repeat].itertuples(), first_line[repeat])]
+    return ~empty & ~repeat, problems
 
 
 def index_split(dataset_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """``(audio table, text table, problems)`` for one split; problems are human-readable lines."""
-    captions = pd.read_csv(captions_csv(dataset_dir, split), keep_default_na=False, dtype=str)
-    missing = [c for c in CAPTION_COLUMNS if c not in captions.columns]
-    if missing:
-        raise ValueError(f"{captions_csv(dataset_dir, split)}: missing column(s) {missing}; expected {list(CAPTION_COLUMNS)}")
-    captions = captions.reset_index(names="cid")
-    fnames = sorted(captions["fname"].unique())
-    audio_rows, problems = [], []
-    for fid, fname in enumerate(fnames):
-        path = dataset_dir / split / fname
-        if Path(fname).name != fname:
-            problems.append(f"{split}/{fname}: file name must not contain a folder; skipped")
-            continue
-        if not path.is_file():
-            problems.append(f"{split}/{fname}: audio file is missing; its captions are dropped")
-            continue
+    csv_path = captions_csv(dataset_dir, split)
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path} not found: each split needs its captions file (columns {','.join(CAPTION_COLUMNS)})")
+    captions = read_csv(csv_path, CAPTION_COLUMNS, dtype=str).reset_index(names="cid")
+    if captions.empty:
+        raise DatasetError(f"{csv_path}: no caption rows")
+    fid_of = {fname: fid for fid, fname in enumerate(sorted(captions["fname"].unique()))}
+    keep, problems = caption_problems(captions, csv_path.name)
+    captions = captions[keep]
+
+    audio_rows = []
+    for fname in sorted(captions["fname"].unique()):
         try:
-            audio_rows.append({"fid": fid, "fname": fname, "duration": round(audio_duration(path), 3)})
-        except ValueError as err:
-            problems.append(f"{split}/{err}; its captions are dropped")
+            duration = audio_duration(dataset_member(Path(dataset_dir) / split, fname))
+        except FileNotFoundError:
+            problems.append(f"{split}/{fname}: audio file is missing; its captions are dropped")
+        except AudioError as err:
+            problems.append(f"{err}; its captions are dropped")
+        except DatasetError as err:
+            problems.append(f"{csv_path.name}: {err}; its captions are dropped")
+        else:
+            audio_rows.append({"fid": fid_of[fname], "fname": fname, "duration": round(duration, 3)})
     audio = pd.DataFrame(audio_rows, columns=["fid", "fname", "duration"])
-    fid_of = dict(zip(audio["fname"], audio["fid"]))
-    text = captions[captions["fname"].isin(fid_of)].copy()
+    text = captions[captions["fname"].isin(audio["fname"])].copy()
     text.insert(1, "fid", text["fname"].map(fid_of).astype(int))
     return audio, text[["cid", "fid", "fname", "raw_text", "text"]], problems
+
+
+def shared_names(audio_tables: dict[str, pd.DataFrame]) -> list[str]:
+    """One line per pair of splits that use the same file names (a possible leak between splits)."""
+    splits = list(audio_tables)
+    lines = []
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            common = sorted(set(audio_tables[a]["fname"]) & set(audio_tables[b]["fname"]))
+            if common:
+                lines.append(f"{len(common)} file name(s) in both {a} and {b}, e.g. {common[0]!r}: make sure they are different recordings")
+    return lines
 
 
 def main() -> None:
@@ -72,15 +94,22 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["development", "validation", "evaluation"], help="splits to index")
     args = parser.parse_args()
     setup_logging()
-    for split in args.splits:
-        if not captions_csv(args.dataset_dir, split).is_file():
-            sys.exit(f"error: {captions_csv(args.dataset_dir, split)} not found")
-        audio, text, problems = index_split(args.dataset_dir, split)
-        for line in problems:
+    with exit_on_input_error():
+        if not args.dataset_dir.is_dir():
+            raise DatasetError(f"--dataset-dir {args.dataset_dir} is not a folder")
+        audio_tables = {}
+        for split in args.splits:
+            audio, text, problems = index_split(args.dataset_dir, split)
+            for line in problems:
+                log.warning(line)
+            if audio.empty:
+                raise DatasetError(f"{split}: no usable clip (see the warnings above); nothing written")
+            write_csv(audio, audio_table(args.dataset_dir, split))
+            write_csv(text, text_table(args.dataset_dir, split))
+            audio_tables[split] = audio
+            log.info("%s: %d clips (%.1f h), %d captions, %d problem(s)", split, len(audio), audio["duration"].sum() / 3600, len(text), len(problems))
+        for line in shared_names(audio_tables):
             log.warning(line)
-        audio.to_csv(audio_table(args.dataset_dir, split), index=False)
-        text.to_csv(text_table(args.dataset_dir, split), index=False)
-        log.info("%s: %d clips (%.1f h), %d captions, %d problem(s)", split, len(audio), audio["duration"].sum() / 3600, len(text), len(problems))
 
 
 if __name__ == "__main__":

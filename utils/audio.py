@@ -1,6 +1,12 @@
-"""Audio decoding and log-mel features, shared by preprocessing and ``example/``."""
+"""Audio decoding and log-mel features, shared by preprocessing and ``example/``.
+
+Every way a file can be unusable (not audio, no samples, cut short, absurdly long, NaN
+samples, shorter than one analysis window) is an ``AudioError`` naming the file, so
+preprocessing can skip it with a reason instead of crashing or training on garbage.
+"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import librosa
@@ -8,23 +14,64 @@ import numpy as np
 import soundfile as sf
 
 from utils.config import FeatureConfig
+from utils.errors import AudioError
 
 LOG_OFFSET = 1e-8  # keeps log() finite on digital silence
+READABLE = "WAV, FLAC, OGG, MP3, AIFF and the other formats libsndfile reads"
+# Decoded length below this share of the header's frame count means the file was cut short
+# (MP3 lengths without a length header are estimates, hence not exactly 1).
+TRUNCATED_SHARE = 0.99
+# libsndfile's log line for a WAV whose data chunk promises more bytes than the file holds.
+WAV_DATA_CUT = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
+SAMPLE_RATE_RANGE = (1000, 384000)
+LIBSNDFILE_PREFIX = re.compile(r"^Error opening .*?: ")  # it repeats the path we already name
 
 
-class AudioError(ValueError):
-    """An audio file that cannot be turned into features; the message names the file."""
-
-
-def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Decode ``path`` to mono float32 at ``sample_rate``; any format libsndfile reads (wav, flac, ogg, mp3)."""
+def open_audio(path: str | Path) -> sf.SoundFile:
+    """Open ``path`` for reading after checking its header: readable, non-empty, not cut short."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such audio file")
     try:
-        wave, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
-    except Exception as err:  # libsndfile raises several types for corrupt or non-audio data
-        raise AudioError(f"{path}: cannot decode audio ({err})") from None
-    if wave.shape[0] == 0:
-        raise AudioError(f"{path}: contains no samples")
+        f = sf.SoundFile(str(path))
+    except Exception as err:  # libsndfile raises several types for corrupt, unsupported or non-audio data
+        reason = LIBSNDFILE_PREFIX.sub("", str(err)).strip().rstrip(".")
+        raise AudioError(f"{path}: not a readable audio file ({reason}); readable formats: {READABLE}") from None
+    cut = WAV_DATA_CUT.search(f.extra_info)
+    problem = None
+    if f.frames == 0:
+        problem = "contains no samples"
+    elif not SAMPLE_RATE_RANGE[0] <= f.samplerate <= SAMPLE_RATE_RANGE[1]:
+        problem = f"implausible sample rate {f.samplerate} Hz"
+    elif cut and int(cut[2]) < int(cut[1]):
+        problem = f"truncated: its header declares {cut[1]} bytes of audio, the file holds {cut[2]}"
+    if problem:
+        f.close()
+        raise AudioError(f"{path}: {problem}")
+    return f
+
+
+def audio_duration(path: str | Path) -> float:
+    """Seconds of audio in ``path``, from its header."""
+    with open_audio(path) as f:
+        return f.frames / f.samplerate
+
+
+def load_audio(path: str | Path, sample_rate: int, max_seconds: float = float("inf")) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sample_rate``; stereo is averaged, other rates resampled."""
+    with open_audio(path) as f:
+        if f.frames / f.samplerate > max_seconds:
+            # checked before decoding: a corrupt header can claim hours and exhaust memory
+            raise AudioError(f"{path}: {f.frames / f.samplerate:.0f} s is longer than features.max_seconds={max_seconds:g}")
+        try:
+            wave = f.read(dtype="float32", always_2d=True)  # (samples, channels)
+        except Exception as err:
+            raise AudioError(f"{path}: cannot decode audio ({str(err).strip()})") from None
+        if wave.shape[0] < TRUNCATED_SHARE * f.frames:
+            raise AudioError(f"{path}: truncated: its header declares {f.frames} samples, only {wave.shape[0]} decode")
+        file_rate = f.samplerate
     wave = wave.mean(axis=1)
+    if not np.isfinite(wave).all():
+        raise AudioError(f"{path}: samples contain NaN or inf")
     if file_rate != sample_rate:
         wave = librosa.resample(wave, orig_sr=file_rate, target_sr=sample_rate, res_type="soxr_hq")
     return wave.astype(np.float32, copy=False)
@@ -43,9 +90,12 @@ def logmel(wave: np.ndarray, features: FeatureConfig, name: str = "audio") -> np
         y=wave, sr=features.sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=features.n_mels,
         fmin=features.fmin, fmax=features.fmax, center=True, power=2.0,
     )  # (n_mels, frames)
-    return np.log(mel + LOG_OFFSET).T.astype(np.float32)
+    features_out = np.log(mel + LOG_OFFSET).T.astype(np.float32)
+    if not np.isfinite(features_out).all():  # e.g. float samples so large that their power overflows
+        raise AudioError(f"{name}: log-mel features contain NaN or inf (sample values out of range?)")
+    return features_out
 
 
 def file_logmel(path: str | Path, features: FeatureConfig) -> np.ndarray:
     """Decode, resample and analyse one file: ``(frames, n_mels)`` float32."""
-    return logmel(load_audio(path, features.sample_rate), features, name=str(path))
+    return logmel(load_audio(path, features.sample_rate, features.max_seconds), features, name=str(path))

@@ -13,15 +13,12 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models import AUDIO_ENCODERS, TEXT_ENCODERS
+from utils.errors import ConfigError
 from utils.losses import LOSSES
 from utils.strict_model import StrictModel
 
 # Search-space spec kinds accepted in ``ray_conf.search_space`` (see ``search_space_samples``).
 SEARCH_SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending key."""
 
 
 class DataConfig(StrictModel):
@@ -40,6 +37,7 @@ class FeatureConfig(StrictModel):
     n_mels: int = Field(64, gt=0)
     fmin: float = Field(0.0, ge=0)
     fmax: float | None = None
+    max_seconds: float = Field(600.0, gt=0)  # longer files are skipped: this trains on clips (Clotho: 15-30 s)
 
 
 class TextEmbeddingConfig(StrictModel):

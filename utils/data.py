@@ -12,15 +12,22 @@ A dataset folder follows Clotho's layout, plus the files preprocessing writes::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from utils.errors import DatasetError
+
+CAPTION_COLUMNS = ("fname", "raw_text", "text")
+AUDIO_COLUMNS = ("fid", "fname", "duration")
+TEXT_COLUMNS = ("cid", "fid", "fname", "raw_text", "text")
 
 
 def captions_csv(dataset_dir: Path, split: str) -> Path:
@@ -50,9 +57,41 @@ def require_file(path: Path, writer: str) -> Path:
     return Path(path)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV written by preprocessing; a missing file names the script that writes it."""
-    return pd.read_csv(require_file(path, "the preprocessing scripts (see README)"), keep_default_na=False)
+def dataset_member(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name read from a CSV; ``DatasetError`` unless it is a plain
+    file name, so a CSV can never point outside its dataset folder (``../``, ``/etc/...``)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise DatasetError(f"file name {name!r} must be a plain file name inside {folder}, without folders")
+    return Path(folder) / name
+
+
+def read_csv(path: Path, columns: Sequence[str], dtype: Any = None) -> pd.DataFrame:
+    """Read a UTF-8 CSV whose header holds ``columns`` (others are kept); anything else is a
+    ``DatasetError`` naming the file. Empty cells stay empty strings, never NaN."""
+    try:
+        table = pd.read_csv(path, keep_default_na=False, dtype=dtype, encoding="utf-8")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise DatasetError(f"{path}: not a readable UTF-8 CSV ({str(err).strip().splitlines()[0]})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        found = ", ".join(map(str, table.columns[:8]))
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}, found {found}")
+    return table
+
+
+def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read a table written by preprocessing; a missing file names the script that writes it."""
+    return read_csv(require_file(path, "the preprocessing scripts (see README)"), columns)
+
+
+def write_csv(table: pd.DataFrame, target: Path) -> None:
+    """Write ``table`` to ``target`` under a temporary name first, so a crash leaves no half-written CSV."""
+    partial_file = Path(target).with_suffix(".csv.partial")
+    try:
+        table.to_csv(partial_file, index=False)
+        os.replace(partial_file, target)
+    finally:
+        partial_file.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -123,7 +162,7 @@ class CaptionPairs(Dataset):
     def __init__(self, dataset_dir: Path, split: str) -> None:
         self.logmels = LogmelStore(logmel_file(dataset_dir, split))
         cids, embeds, self.text_model = read_text_embeds(text_embeds_file(dataset_dir, split))
-        text = read_table(text_table(dataset_dir, split))
+        text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
         row_of_cid = {int(c): i for i, c in enumerate(cids)}
         keep = text["fid"].isin(self.logmels.row_of) & text["cid"].isin(row_of_cid)
         text = text[keep]

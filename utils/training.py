@@ -10,13 +10,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from models import DualEncoderModel, create_model
+from models.weights import load_weights, read_safetensors, read_torch_file
 from utils.config import Config, validate
 from utils.distributed import gather_batch, world
-from utils.data import CaptionPairs, audio_table, LogmelStore, logmel_file, pad_logmels, pair_loader, read_table, read_text_embeds, text_embed_dim, text_embeds_file, text_table
+from utils.data import (AUDIO_COLUMNS, TEXT_COLUMNS, CaptionPairs, LogmelStore, audio_table, logmel_file, pad_logmels, pair_loader,
+                        read_table, read_text_embeds, text_embed_dim, text_embeds_file, text_table)
+from utils.errors import CheckpointError
 from utils.losses import LOSSES
 from utils.metrics import flatten_metrics, retrieval_metrics
 from utils.runtime import resolve_device, seed_everything
@@ -52,7 +55,7 @@ def embed_split(model: DualEncoderModel, dataset_dir: Path, split: str, device: 
     """Embed each clip and each caption of ``split`` exactly once, in batches."""
     model.eval()
     logmels = LogmelStore(logmel_file(dataset_dir, split))
-    audio_rows = read_table(audio_table(dataset_dir, split))
+    audio_rows = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
     audio_rows = audio_rows[audio_rows["fid"].isin(logmels.row_of)]
     fids = audio_rows["fid"].to_numpy(np.int64)
     audio = []
@@ -62,7 +65,7 @@ def embed_split(model: DualEncoderModel, dataset_dir: Path, split: str, device: 
 
     cids, embeds, _ = read_text_embeds(text_embeds_file(dataset_dir, split))
     row_of_cid = {int(c): i for i, c in enumerate(cids)}
-    text_rows = read_table(text_table(dataset_dir, split))
+    text_rows = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
     row_of_fid = {int(f): i for i, f in enumerate(fids)}
     text_rows = text_rows[text_rows["fid"].isin(row_of_fid) & text_rows["cid"].isin(row_of_cid)]
     caption_embeds = torch.from_numpy(embeds[[row_of_cid[int(c)] for c in text_rows["cid"]]])
@@ -125,12 +128,18 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     return path
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "epoch", "metrics")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file (or folder holding one) safely: tensors and plain containers only."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path)
+    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path}: not a checkpoint written by this project (expected the keys {', '.join(CHECKPOINT_KEYS)})")
+    return state
 
 
 def export_model(checkpoint: Path, folder: Path) -> Path:
@@ -161,8 +170,8 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderMod
     path = Path(path)
     config = read_model_config(path)
     model = build_model(config, device)
-    weights = load_file(str(path / EXPORT_WEIGHTS)) if (path / EXPORT_WEIGHTS).is_file() else load_checkpoint(path)["model"]
-    model.load_state_dict(weights)
+    weights = read_safetensors(path / EXPORT_WEIGHTS) if (path / EXPORT_WEIGHTS).is_file() else load_checkpoint(path)["model"]
+    load_weights(model, weights, str(path))
     return model.eval(), config
 
 
@@ -198,7 +207,7 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     first_epoch = 1
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], str(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["config"]["optimizer"]["lr"] != config.optimizer.lr:
@@ -211,24 +220,31 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     # DDP broadcasts rank 0's (possibly restored) weights to every worker when it wraps the model.
     trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
-    for epoch in range(first_epoch, params.num_epochs + 1):
-        if world_size > 1:
-            train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every worker
-        train_loss = run_epoch(trained, train_loader, criterion, device, optimizer)
-        val_loss = run_epoch(model, val_loader, criterion, device)
-        val = embed_split(model, data.dataset_dir, data.val_split, device, params.batch_size)
-        metrics = {
-            "epoch": epoch,
-            "train/loss": train_loss,
-            "val/loss": val_loss,
-            "train/lr": optimizer.param_groups[0]["lr"],
-            **flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val"),
-        }
-        scheduler.step(val_loss)
-        log.info("epoch %d: train/loss %.4f val/loss %.4f val/t2a_mAP@10 %.4f", epoch, train_loss, val_loss, metrics["val/t2a_mAP@10"])
-        if rank > 0:
-            report(metrics, None)
-            continue
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder), model, optimizer, scheduler, config, epoch, metrics)
-            report(metrics, Path(folder))
+    epoch = first_epoch
+    try:
+        for epoch in range(first_epoch, params.num_epochs + 1):
+            if world_size > 1:
+                train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every worker
+            train_loss = run_epoch(trained, train_loader, criterion, device, optimizer)
+            val_loss = run_epoch(model, val_loader, criterion, device)
+            val = embed_split(model, data.dataset_dir, data.val_split, device, params.batch_size)
+            metrics = {
+                "epoch": epoch,
+                "train/loss": train_loss,
+                "val/loss": val_loss,
+                "train/lr": optimizer.param_groups[0]["lr"],
+                **flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val"),
+            }
+            scheduler.step(val_loss)
+            log.info("epoch %d: train/loss %.4f val/loss %.4f val/t2a_mAP@10 %.4f", epoch, train_loss, val_loss, metrics["val/t2a_mAP@10"])
+            if rank > 0:
+                report(metrics, None)
+                continue
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(Path(folder), model, optimizer, scheduler, config, epoch, metrics)
+                report(metrics, Path(folder))
+    except torch.OutOfMemoryError:
+        # The trial fails with advice; other trials run in their own processes and go on.
+        raise torch.OutOfMemoryError(
+            f"out of {device.type} memory in epoch {epoch} with param_conf.batch_size={params.batch_size}: lower the batch "
+            "size, reserve more of a GPU per trial (ray_conf.gpus_per_trial) or run fewer at once (ray_conf.max_concurrent_trials)") from None
