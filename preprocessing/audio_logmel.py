@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +46,11 @@ def _extract(path: Path, features: FeatureConfig) -> np.ndarray | str:
         return file_logmel(path, features)
     except (AudioError, FileNotFoundError) as err:
         return str(err)
+
+
+def _frame_chunks(frames: int, n_mels: int) -> tuple[int, int] | None:
+    """HDF5 chunking of a ``(frames, n_mels)`` dataset: blocks of up to 512 frames (none when empty)."""
+    return (min(512, frames), n_mels) if frames else None
 
 
 def _strings(values: list[str]) -> np.ndarray:
@@ -104,18 +109,21 @@ def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int]
         progress.update()
     frames = np.concatenate([m for _, m in kept]) if kept else np.zeros((0, features.n_mels), np.float32)
     with atomic_h5(target) as f:
-        f.create_dataset("logmel", data=frames, chunks=(max(1, min(512, len(frames))), features.n_mels))
+        f.create_dataset("logmel", data=frames, chunks=_frame_chunks(len(frames), features.n_mels))
         write_index(f, features, fids, fnames, [fid for fid, _ in kept], np.cumsum([0] + [len(m) for _, m in kept]), skipped)
 
 
 def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str]) -> tuple[int, list[str]]:
     """Copy the parts, one at a time, into the split's store; returns ``(kept clips, skip reasons)``."""
-    kept_fids, offsets, skipped, total = [], [np.zeros(1, np.int64)], [], 0
+    total, kept = 0, 0
     for part in parts:
         with h5py.File(part, "r") as f:
-            total += f["logmel"].shape[0]
+            total, kept = total + f["logmel"].shape[0], kept + f["fid"].shape[0]
+    if not kept:
+        raise DatasetError(f"no usable audio file (see the skipped files above); nothing written to {target}")
+    kept_fids, offsets, skipped = [], [np.zeros(1, np.int64)], []
     with atomic_h5(target) as out:
-        frames = out.create_dataset("logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=(max(1, min(512, total)), features.n_mels))
+        frames = out.create_dataset("logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=_frame_chunks(total, features.n_mels))
         row = 0
         for part in parts:
             with h5py.File(part, "r") as f:
@@ -125,10 +133,8 @@ def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: 
                 kept_fids += f["fid"][:].tolist()
                 skipped += skipped_clips(f)
                 row += n
-        if not kept_fids:
-            raise DatasetError(f"no usable audio file (see the skipped files above); nothing written to {target}")
         write_index(out, features, fids, fnames, kept_fids, np.concatenate(offsets), skipped)
-    return len(kept_fids), [reason for _, reason in skipped]
+    return kept, [reason for _, reason in skipped]
 
 
 def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, workers: int,
@@ -152,7 +158,8 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     done_clips = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
     if done_clips:
         log.info("%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir)
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool, \
+    # --workers 1 decodes in this process (one thread), which is easier to debug and to profile
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool, \
             tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
         for i in todo:
             extract_part(pool, features, Path(dataset_dir) / split, fids[slices[i]], fnames[slices[i]], progress, parts[i])
@@ -160,20 +167,6 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     shutil.rmtree(parts_dir)
     log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
     return reasons
-
-
-class _InProcess:
-    """``ProcessPoolExecutor`` stand-in for ``--workers 1``: the same ``map``, in this process."""
-
-    def __enter__(self) -> "_InProcess":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    @staticmethod
-    def map(fn, items, chunksize: int = 1):
-        return map(fn, items)
 
 
 def main() -> None:

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from utils.config import ConfigError, load_config, load_raw, parse_override, validate, validate_search_space, with_overrides
+from utils.config import load_config, load_raw, parse_override, validate, validate_search_space, with_overrides
+from utils.errors import ConfigError
 from models import AUDIO_ENCODERS
 
 CONF = REPO_ROOT / "conf.yaml"

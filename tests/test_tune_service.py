@@ -180,7 +180,7 @@ def test_data_parallel_trial_with_two_workers(tiny_raw, ray_session):
 
 
 def test_trial_larger_than_the_cluster_is_refused(tiny_raw, ray_session):
-    from utils.config import ConfigError
+    from utils.errors import ConfigError
 
     raw = with_overrides(tiny_raw, {"ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 1})  # 2.01 CPUs of 2
     with pytest.raises(ConfigError, match=r"needs 2\.01 CPU"):

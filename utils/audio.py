@@ -86,11 +86,12 @@ def logmel(wave: np.ndarray, features: FeatureConfig, name: str = "audio") -> np
     if not np.isfinite(wave).all():
         raise AudioError(f"{name}: samples contain NaN or inf")
     n_fft = 1 << (win - 1).bit_length()  # next power of two >= window
-    mel = librosa.feature.melspectrogram(
-        y=wave, sr=features.sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=features.n_mels,
-        fmin=features.fmin, fmax=features.fmax, center=True, power=2.0,
-    )  # (n_mels, frames)
-    features_out = np.log(mel + LOG_OFFSET).T.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below, with the file's name
+        mel = librosa.feature.melspectrogram(
+            y=wave, sr=features.sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=features.n_mels,
+            fmin=features.fmin, fmax=features.fmax, center=True, power=2.0,
+        )  # (n_mels, frames)
+        features_out = np.log(mel + LOG_OFFSET).T.astype(np.float32)
     if not np.isfinite(features_out).all():  # e.g. float samples so large that their power overflows
         raise AudioError(f"{name}: log-mel features contain NaN or inf (sample values out of range?)")
     return features_out

@@ -1,0 +1,265 @@
+"""Bad input gets a one-line error naming the file, row or key, and never leaves partial output."""
+import io
+import shutil
+import subprocess
+import sys
+
+import h5py
+import librosa
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from conftest import REPO_ROOT, index_dataset
+from preprocessing import audio_logmel
+from preprocessing.audio_logmel import extract_split
+from preprocessing.clotho_dataset import index_split, shared_names
+from preprocessing.demo_dataset import write_demo_dataset
+from preprocessing.sbert_embeddings import embed_split
+from utils.audio import file_logmel
+from utils.config import FeatureConfig
+from utils.data import LogmelStore, audio_table, logmel_file, text_embeds_file
+from utils.errors import AudioError, DatasetError
+
+FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
+
+
+def sine(rate: int, seconds: float = 1.5, hz: float = 1000.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def encoded(fmt: str, wave: np.ndarray, rate: int, subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+BAD_AUDIO = {
+    "empty.wav": (lambda: b"", "not a readable audio file"),
+    "text.wav": (lambda: b"fname,raw_text,text\nnot audio at all\n", "not a readable audio file"),
+    "movie.m4a": (lambda: b"\x00\x00\x00\x18ftypM4A \x00\x00\x02\x00" + bytes(200), "not a readable audio file"),
+    "zero.wav": (lambda: encoded("WAV", np.zeros(0, np.float32), 16000), "contains no samples"),
+    "cut.wav": (lambda: half(encoded("WAV", sine(16000), 16000)), "truncated"),
+    "cut.mp3": (lambda: half(encoded("MP3", sine(16000), 16000)), "truncated"),
+    "cut.flac": (lambda: half(encoded("FLAC", sine(16000), 16000)), "truncated|cannot decode"),
+    "nan.wav": (lambda: encoded("WAV", np.full(16000, np.nan, np.float32), 16000, "FLOAT"), "NaN or inf"),
+    "inf.wav": (lambda: encoded("WAV", np.full(16000, np.inf, np.float32), 16000, "FLOAT"), "NaN or inf"),
+    "overflow.wav": (lambda: encoded("WAV", 1e30 * sine(16000), 16000, "FLOAT"), "features contain NaN or inf"),
+    "blip.wav": (lambda: encoded("WAV", sine(16000, seconds=0.01), 16000), "shorter than one 40 ms analysis window"),
+    "hour.wav": (lambda: encoded("WAV", sine(8000, seconds=4), 8000), "longer than features.max_seconds=3"),
+    "slow.wav": (lambda: encoded("WAV", sine(500, seconds=2, hz=100), 500), "implausible sample rate 500 Hz"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_AUDIO)
+def test_unusable_audio_is_an_error_naming_the_file(tmp_path, name):
+    make, message = BAD_AUDIO[name]
+    (tmp_path / name).write_bytes(make())
+    with pytest.raises(AudioError, match=message) as err:
+        file_logmel(tmp_path / name, FEATURES.model_copy(update={"max_seconds": 3}))
+    assert str(err.value).startswith(str(tmp_path / name)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fmt, subtype, rate, channels", [
+    ("WAV", "PCM_16", 48000, 2), ("WAV", "PCM_24", 8000, 1), ("WAV", "FLOAT", 16000, 3),
+    ("FLAC", None, 22050, 1), ("OGG", None, 44100, 2), ("MP3", None, 32000, 1), ("AIFF", None, 11025, 2),
+])
+def test_any_rate_channels_and_format_give_the_same_analysis(tmp_path, fmt, subtype, rate, channels):
+    path = tmp_path / f"clip.{fmt.lower()}"
+    path.write_bytes(encoded(fmt, np.repeat(sine(rate)[:, None], channels, axis=1), rate, subtype))
+    mel = file_logmel(path, FEATURES)
+    assert mel.shape[1] == 32 and abs(mel.shape[0] - 1.5 / 0.020) <= 2  # resampled to 16 kHz, 20 ms hop
+    assert np.isfinite(mel).all()
+    centres = librosa.mel_frequencies(n_mels=32 + 2, fmax=8000)[1:-1]
+    assert abs(centres[mel.mean(axis=0).argmax()] - 1000) < 200  # the 1 kHz tone stays at 1 kHz
+
+
+def write_captions(dataset, rows, split="development", header="fname,raw_text,text"):
+    lines = [header] + [",".join(row) for row in rows]
+    (dataset / f"{split}_captions.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Three good 1 s clips in development/, and a real audio file just outside the dataset."""
+    root = tmp_path / "dataset"
+    (root / "development" / "sub").mkdir(parents=True)
+    for name in ("a.wav", "b.wav", "c.wav", "sub/d.wav"):
+        (root / "development" / name).write_bytes(encoded("WAV", sine(16000, 1.0), 16000))
+    (tmp_path / "secret.wav").write_bytes(encoded("WAV", sine(16000, 1.0), 16000))
+    return root
+
+
+def test_caption_rows_are_checked_line_by_line(dataset):
+    write_captions(dataset, [
+        ("a.wav", "a dog barks", "a dog barks"),        # line 2
+        ("a.wav", " ", " "),                            # line 3: empty caption
+        ("b.wav", "rain falls", "rain falls"),          # line 4
+        ("a.wav", "a dog barks", "a dog barks"),        # line 5: repeats line 2
+        ("missing.wav", "wind", "wind"),                # line 6: no such file
+        ("c.wav", "", "a car passes"),                  # line 7: empty raw caption
+    ])
+    audio, text, problems = index_split(dataset, "development")
+    report = "\n".join(problems)
+    assert "development_captions.csv line 3: empty caption for 'a.wav'" in report
+    assert "development_captions.csv line 7: empty caption for 'c.wav'" in report
+    assert "development_captions.csv line 5: repeats line 2 ('a.wav')" in report
+    assert "missing.wav: audio file is missing" in report
+    assert audio["fname"].tolist() == ["a.wav", "b.wav"]  # c.wav lost its only caption
+    assert text["cid"].tolist() == [0, 2] and text["text"].tolist() == ["a dog barks", "rain falls"]
+
+
+def test_file_names_cannot_point_outside_the_split_folder(dataset):
+    names = ["../../secret.wav", str(dataset.parent / "secret.wav"), "sub/d.wav", "..", "a.wav\\..\\b.wav"]
+    write_captions(dataset, [(name, "a caption", "a caption") for name in names] + [("a.wav", "fine", "fine")])
+    audio, text, problems = index_split(dataset, "development")
+    assert audio["fname"].tolist() == ["a.wav"] and text["fname"].tolist() == ["a.wav"]
+    assert len(problems) == len(names) and all("must be a plain file name inside" in p for p in problems)
+
+    # A hand-edited clip table is held to the same rule when features are extracted.
+    index_dataset(dataset, ["development"])
+    table = pd.read_csv(audio_table(dataset, "development"))
+    table.loc[len(table)] = {"fid": 99, "fname": "../../secret.wav", "duration": 1.0}
+    table.to_csv(audio_table(dataset, "development"), index=False)
+    skipped = extract_split(dataset, "development", FEATURES, workers=1)
+    assert len(skipped) == 1 and "'../../secret.wav' must be a plain file name" in skipped[0]
+    assert LogmelStore(logmel_file(dataset, "development")).fids.tolist() == audio["fid"].tolist()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("file_name,caption_1,caption_2\na.wav,x,y\n", "missing column(s) fname, raw_text, text; expected fname, raw_text, text, found file_name, caption_1"),
+    ("fname,raw_text,text\n", "no caption rows"),
+    ("", "not a readable UTF-8 CSV"),
+    (b"\xff\xfe\x00garbage\x81\x82", "not a readable UTF-8 CSV"),
+    ('fname,raw_text,text\na.wav,"unclosed quote,x\n', "not a readable UTF-8 CSV"),
+])
+def test_unreadable_captions_file_is_one_error_naming_it(dataset, content, message):
+    path = dataset / "development_captions.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DatasetError) as err:
+        index_split(dataset, "development")
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+
+def test_clotho_dataset_script_fails_in_one_line_and_writes_nothing_for_a_bad_split(dataset):
+    write_captions(dataset, [("a.wav", "a dog barks", "a dog barks")])
+    write_captions(dataset, [("x.wav", "y")], split="validation", header="file_name,caption_1")
+    result = run_script(REPO_ROOT / "preprocessing" / "clotho_dataset.py", "--dataset-dir", dataset, "--splits", "development", "validation")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "validation_captions.csv: missing column(s)" in last
+    assert audio_table(dataset, "development").is_file()  # the good split is complete
+    assert not audio_table(dataset, "validation").exists() and not list(dataset.glob("*.partial"))
+
+
+def test_names_shared_between_splits_are_reported():
+    tables = {"development": pd.DataFrame({"fname": ["a.wav", "b.wav"]}), "validation": pd.DataFrame({"fname": ["b.wav"]}),
+              "evaluation": pd.DataFrame({"fname": ["c.wav"]})}
+    (line,) = shared_names(tables)
+    assert line.startswith("1 file name(s) in both development and validation, e.g. 'b.wav'")
+
+
+def stores(path):
+    store = LogmelStore(path)
+    return {fid: store[fid] for fid in store.fids.tolist()}
+
+
+def test_logmel_resumes_after_a_crash_without_redoing_finished_parts(tmp_path, monkeypatch):
+    write_demo_dataset(tmp_path, {"development": 10}, seed=2)
+    index_dataset(tmp_path, ["development"])
+    (tmp_path / "development" / "dev_scene_0001.wav").write_bytes(b"not audio")  # skipped, in the first part
+    calls = []
+
+    def crash_on_seventh(path, features):
+        calls.append(path)
+        if len(calls) == 7:
+            raise RuntimeError("power cut")
+        return file_logmel(path, features)
+
+    monkeypatch.setattr(audio_logmel, "file_logmel", crash_on_seventh)
+    with pytest.raises(RuntimeError, match="power cut"):
+        extract_split(tmp_path, "development", FEATURES, workers=1, part_size=3)
+    parts = tmp_path / "development_logmel.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["part_00000.h5", "part_00001.h5"]  # no half-written part
+    assert not logmel_file(tmp_path, "development").exists()
+
+    calls.clear()
+    monkeypatch.setattr(audio_logmel, "file_logmel", lambda path, features: calls.append(path) or file_logmel(path, features))
+    skipped = extract_split(tmp_path, "development", FEATURES, workers=1, part_size=3)
+    assert len(calls) == 4  # clips 7-10 only
+    assert len(skipped) == 1 and "dev_scene_0001.wav" in skipped[0]  # reported although found before the crash
+    assert not parts.exists()
+    resumed = stores(logmel_file(tmp_path, "development"))
+
+    calls.clear()
+    assert extract_split(tmp_path, "development", FEATURES, workers=1, part_size=3) == skipped
+    assert calls == []  # up to date: nothing redone
+
+    assert extract_split(tmp_path, "development", FEATURES, workers=1, overwrite=True) == skipped
+    assert len(calls) == 10
+    fresh = stores(logmel_file(tmp_path, "development"))
+    assert resumed.keys() == fresh.keys() and all(np.array_equal(resumed[f], fresh[f]) for f in fresh)
+
+    calls.clear()
+    extract_split(tmp_path, "development", FEATURES.model_copy(update={"n_mels": 16}), workers=1)
+    assert len(calls) == 10 and LogmelStore(logmel_file(tmp_path, "development")).n_mels == 16  # new features: redone
+
+
+def test_logmel_store_records_what_it_was_made_from(tmp_path):
+    write_demo_dataset(tmp_path, {"development": 3}, seed=0)
+    index_dataset(tmp_path, ["development"])
+    extract_split(tmp_path, "development", FEATURES, workers=2)
+    with h5py.File(logmel_file(tmp_path, "development")) as f:
+        assert FeatureConfig.model_validate_json(f.attrs["features"]) == FEATURES
+        assert f["source_fname"].asstr()[:].tolist() == [f"dev_scene_000{i}.wav" for i in range(3)]
+        assert f["logmel"].dtype == np.float32 and f["skipped_reason"].shape == (0,)
+
+
+def test_all_clips_unusable_is_an_error_and_writes_no_store(tmp_path):
+    write_demo_dataset(tmp_path, {"development": 2}, seed=0)
+    index_dataset(tmp_path, ["development"])
+    for wav in (tmp_path / "development").glob("*.wav"):
+        wav.write_bytes(b"")
+    with pytest.raises(DatasetError, match="no usable audio file"):
+        extract_split(tmp_path, "development", FEATURES, workers=1)
+    assert not logmel_file(tmp_path, "development").exists()
+
+
+class CountingModel:
+    """Wraps a sentence model and counts ``encode`` calls."""
+
+    def __init__(self, model, poison=False):
+        self.model, self.poison, self.calls = model, poison, 0
+
+    def encode(self, sentences, **kwargs):
+        self.calls += 1
+        embeds = self.model.encode(sentences, **kwargs)
+        if self.poison:
+            embeds[1] = np.nan
+        return embeds
+
+
+def test_sentence_embeddings_skip_finished_splits_and_refuse_nan(tiny_dataset, sentence_model, tmp_path):
+    dataset = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, dataset)
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    model = CountingModel(sentence_model)
+    embed_split(dataset, "validation", model, name, batch_size=64)
+    assert model.calls == 0  # same captions, same model: up to date
+    embed_split(dataset, "validation", model, name, batch_size=64, overwrite=True)
+    assert model.calls == 1
+
+    text_embeds_file(dataset, "validation").unlink()
+    with pytest.raises(DatasetError, match=r"NaN/inf embeddings for caption id\(s\) \[\d+\]; nothing written"):
+        embed_split(dataset, "validation", CountingModel(sentence_model, poison=True), name, batch_size=64)
+    assert not text_embeds_file(dataset, "validation").exists() and not list(dataset.glob("*.partial"))
