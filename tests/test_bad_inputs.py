@@ -1,5 +1,7 @@
 """Bad input gets a one-line error naming the file, row or key, and never leaves partial output."""
 import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
+from safetensors.torch import save_file
 
 from conftest import REPO_ROOT, index_dataset
 from preprocessing import audio_logmel
@@ -17,10 +21,12 @@ from preprocessing.audio_logmel import extract_split
 from preprocessing.clotho_dataset import index_split, shared_names
 from preprocessing.demo_dataset import write_demo_dataset
 from preprocessing.sbert_embeddings import embed_split
+from utils import training
 from utils.audio import file_logmel
-from utils.config import FeatureConfig
+from utils.config import FeatureConfig, validate, with_overrides
 from utils.data import LogmelStore, audio_table, logmel_file, text_embeds_file
-from utils.errors import AudioError, DatasetError
+from utils.errors import AudioError, CheckpointError, DatasetError
+from utils.training import CHECKPOINT_FILE, EXPORT_CONFIG, EXPORT_WEIGHTS, build_model, load_trained_model, save_checkpoint, train
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
 
@@ -263,3 +269,56 @@ def test_sentence_embeddings_skip_finished_splits_and_refuse_nan(tiny_dataset, s
     with pytest.raises(DatasetError, match=r"NaN/inf embeddings for caption id\(s\) \[\d+\]; nothing written"):
         embed_split(dataset, "validation", CountingModel(sentence_model, poison=True), name, batch_size=64)
     assert not text_embeds_file(dataset, "validation").exists() and not list(dataset.glob("*.partial"))
+
+
+def test_weights_of_another_architecture_are_refused_with_their_keys(tiny_raw, tmp_path):
+    cpu = torch.device("cpu")
+    export = tmp_path / "best"
+    export.mkdir()
+    save_file(build_model(validate(tiny_raw), cpu).state_dict(), str(export / EXPORT_WEIGHTS))
+    other = validate(with_overrides(tiny_raw, {"model.embed_dim": 32, "model.audio_enc.channels": [4, 8, 16]}))
+    (export / EXPORT_CONFIG).write_text(json.dumps(other.model_dump(mode="json")))
+    with pytest.raises(CheckpointError) as err:
+        load_trained_model(export, cpu)
+    message = str(err.value)
+    assert message.startswith(f"{export}: weights from another architecture; missing audio_encoder.conv_block3.")
+    assert "shape mismatch audio_encoder.fc1.weight: (16, 8) in the checkpoint, (16, 16) in the model" in message
+    assert "audio_proj.weight: (16, 16) in the checkpoint, (32, 16) in the model" in message
+
+    result = run_script(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py", "--checkpoint", export, "--split", "validation")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {export}: weights from another architecture")
+
+
+def test_resuming_from_a_checkpoint_of_another_architecture_names_the_keys(tiny_raw, tmp_path):
+    config = validate(tiny_raw)
+    model = build_model(config, torch.device("cpu"))
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, config, epoch=1, metrics={})
+    wider = validate(with_overrides(tiny_raw, {"model.embed_dim": 24}))
+    with pytest.raises(CheckpointError, match=r"shape mismatch audio_proj\.weight: \(16, 16\) in the checkpoint, \(24, 16\)"):
+        train(wider, lambda metrics, folder: None, resume_from=tmp_path / CHECKPOINT_FILE)
+
+
+def test_out_of_memory_fails_the_trial_with_advice(tiny_raw, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(training, "run_epoch", no_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"out of cpu memory in epoch 1 with param_conf\.batch_size=16: lower the batch size"):
+        train(validate(tiny_raw), lambda metrics, folder: None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ray_conf.cpus_per_trial=4096"], r"one trial needs 4096 CPU \(1 worker\(s\) x cpus/gpus_per_trial\) but this machine has \d+"),
+    (["ray_conf.gpus_per_trial=64"], r"one trial needs 64 GPU .* but this machine has \d+"),
+    (["device=cuda"], r"device: 'cuda' needs ray_conf.gpus_per_trial > 0"),
+    (["ray_conf.cpus_per_trail=1"], r"ray_conf.cpus_per_trail"),
+    (["param_conf.batch_size=large"], r"param_conf.batch_size"),
+])
+def test_main_refuses_impossible_configs_before_ray_starts(tiny_dataset, overrides, message):
+    result = run_script(REPO_ROOT / "main.py", f"data.dataset_dir={tiny_dataset}", "ray_conf.include_dashboard=false", *overrides)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr.strip().splitlines()[-1])
+    assert "Started a local Ray instance" not in result.stderr + result.stdout

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 from ray import tune
@@ -196,3 +198,17 @@ def test_plateau_stopper_ends_a_flat_trial(tiny_raw, ray_session):
     experiment = run_experiment(validate(raw), raw)
     (trial,) = trial_folders(experiment)
     assert epochs(trial) == [1, 2]
+
+
+def test_a_trial_whose_loss_turns_nan_fails_alone_with_its_reason(tiny_raw, tiny_dataset, tmp_path, ray_session):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(tiny_dataset, poisoned)
+    with h5py.File(poisoned / "development_logmel.h5", "r+") as f:
+        f["logmel"][:5] = np.nan  # what preprocessing refuses to write, as if a file were corrupted later
+    raw = with_overrides(tiny_raw, {"ray_conf.search_space": {"data.dataset_dir": {"grid": [str(tiny_dataset), str(poisoned)]}}})
+    experiment = run_experiment(validate(raw), raw)
+    table = pd.read_csv(experiment / "results.csv").set_index("param/data.dataset_dir")
+    assert table.loc[str(poisoned), "status"] == "ERROR" and table.loc[str(tiny_dataset), "status"] == "TERMINATED"
+    (error_file,) = experiment.glob("train_trial*/error.txt")
+    assert "FloatingPointError: loss became nan after" in error_file.read_text()
+    assert json.loads((experiment / "best.json").read_text())["trial_params"]["data.dataset_dir"] == str(tiny_dataset)

@@ -6,6 +6,7 @@ preprocessing can skip it with a reason instead of crashing or training on garba
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,7 +30,7 @@ LIBSNDFILE_PREFIX = re.compile(r"^Error opening .*?: ")  # it repeats the path w
 
 def open_audio(path: str | Path) -> sf.SoundFile:
     """Open ``path`` for reading after checking its header: readable, non-empty, not cut short."""
-    if not Path(path).is_file():
+    if not os.path.isfile(path):  # unlike Path.is_file, also False for names the OS refuses (too long)
         raise FileNotFoundError(f"{path}: no such audio file")
     try:
         f = sf.SoundFile(str(path))

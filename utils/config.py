@@ -196,7 +196,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), safe_yaml(value, f"override {text!r}")
+
+
+def safe_yaml(text: Any, source: str) -> Any:
+    """Parse YAML with the safe loader (plain data only: no ``!!python`` tags, nothing executed);
+    a syntax error or a refused tag is a ``ConfigError`` naming ``source`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid YAML ({problem})") from None
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -287,7 +299,7 @@ def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dic
     if not config_path.is_file():
         raise ConfigError(f"config file {config_path} does not exist")
     with config_path.open() as f:
-        raw = yaml.safe_load(f) or {}
+        raw = safe_yaml(f, str(config_path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} must hold a mapping of config sections")
     raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))

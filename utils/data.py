@@ -12,6 +12,7 @@ A dataset folder follows Clotho's layout, plus the files preprocessing writes::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from utils.errors import DatasetError
 CAPTION_COLUMNS = ("fname", "raw_text", "text")
 AUDIO_COLUMNS = ("fid", "fname", "duration")
 TEXT_COLUMNS = ("cid", "fid", "fname", "raw_text", "text")
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS and NTFS
 
 
 def captions_csv(dataset_dir: Path, split: str) -> Path:
@@ -62,6 +64,8 @@ def dataset_member(folder: Path, name: str) -> Path:
     file name, so a CSV can never point outside its dataset folder (``../``, ``/etc/...``)."""
     if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise DatasetError(f"file name {name!r} must be a plain file name inside {folder}, without folders")
+    if len(name.encode()) > NAME_MAX:
+        raise DatasetError(f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes, which no common filesystem allows")
     return Path(folder) / name
 
 
@@ -69,8 +73,12 @@ def read_csv(path: Path, columns: Sequence[str], dtype: Any = None) -> pd.DataFr
     """Read a UTF-8 CSV whose header holds ``columns`` (others are kept); anything else is a
     ``DatasetError`` naming the file. Empty cells stay empty strings, never NaN."""
     try:
-        table = pd.read_csv(path, keep_default_na=False, dtype=dtype, encoding="utf-8")
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        with warnings.catch_warnings():
+            # Without index_col=False a first row longer than the header silently becomes the index;
+            # with it, pandas only warns and drops the extra cells: make that an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(path, index_col=False, keep_default_na=False, dtype=dtype, encoding="utf-8")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError, ValueError) as err:
         raise DatasetError(f"{path}: not a readable UTF-8 CSV ({str(err).strip().splitlines()[0]})") from None
     missing = [c for c in columns if c not in table.columns]
     if missing:

@@ -161,7 +161,11 @@ def read_model_config(path: Path) -> Config:
     """The resolved config stored with a model export folder or a checkpoint."""
     path = Path(path)
     if (path / EXPORT_CONFIG).is_file():
-        return validate(json.loads((path / EXPORT_CONFIG).read_text()))
+        try:
+            raw = json.loads((path / EXPORT_CONFIG).read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path / EXPORT_CONFIG}: not valid JSON ({err})") from None
+        return validate(raw)
     return validate(load_checkpoint(path)["config"])
 
 
