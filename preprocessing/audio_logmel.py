@@ -7,7 +7,8 @@ or yields NaN/inf is reported and skipped, and the rest is processed.
 
 Work is saved in parts of ``--part-size`` clips (``{split}_logmel.parts/``), so a rerun after
 a crash or Ctrl-C continues where it stopped, and a split whose ``{split}_logmel.h5`` already
-matches the clip table and the features config is not redone (``--overwrite`` forces it).
+matches the clip table, the files' sizes and times and the features config is not redone
+(``--overwrite`` forces it).
 Every file is written under a temporary name and renamed when complete: a crash never
 leaves a half-written file behind.
 """
@@ -57,14 +58,27 @@ def _strings(values: list[str]) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(TEXT) if values else np.zeros(0, dtype=TEXT)
 
 
-def write_index(f: h5py.File, features: FeatureConfig, fids: list[int], fnames: list[str],
+def file_stamps(split_dir: Path, fnames: list[str]) -> np.ndarray:
+    """``(n, 2)`` size and modification time (ns) of each clip, ``-1`` where there is no usable file:
+    a store made before a file was replaced is out of date even if the names did not change."""
+    stamps = np.full((len(fnames), 2), -1, dtype=np.int64)
+    for i, fname in enumerate(fnames):
+        try:
+            info = dataset_member(split_dir, fname).stat()
+        except (DatasetError, OSError):
+            continue
+        stamps[i] = info.st_size, info.st_mtime_ns
+    return stamps
+
+
+def write_index(f: h5py.File, features: FeatureConfig, fids: list[int], fnames: list[str], stamps: np.ndarray,
                 kept_fids: list[int], offsets: np.ndarray, skipped: list[tuple[int, str]]) -> None:
     """Write everything of a store but its ``logmel`` frames.
 
     ``offsets`` (n+1,) marks the rows of each kept clip ``fid`` in ``logmel``;
-    ``skipped_fid``/``skipped_reason`` list the unusable clips; ``source_fid``/``source_fname``
-    and the ``features`` attribute record what the file was made from, so that a rerun can
-    tell whether it is up to date.
+    ``skipped_fid``/``skipped_reason`` list the unusable clips; ``source_fid``/``source_fname``/
+    ``source_stamp`` and the ``features`` attribute record what the file was made from, so that
+    a rerun can tell whether it is up to date.
     """
     f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
     f.create_dataset("fid", data=np.asarray(kept_fids, dtype=np.int64))
@@ -72,17 +86,18 @@ def write_index(f: h5py.File, features: FeatureConfig, fids: list[int], fnames: 
     f.create_dataset("skipped_reason", data=_strings([reason for _, reason in skipped]))
     f.create_dataset("source_fid", data=np.asarray(fids, dtype=np.int64))
     f.create_dataset("source_fname", data=_strings(fnames))
+    f.create_dataset("source_stamp", data=stamps)
     f.attrs["features"] = features.model_dump_json()
 
 
-def made_from(path: Path, features: FeatureConfig, fids: list[int], fnames: list[str]) -> bool:
-    """Whether the store at ``path`` is complete for exactly these clips and features."""
+def made_from(path: Path, features: FeatureConfig, fids: list[int], fnames: list[str], stamps: np.ndarray) -> bool:
+    """Whether the store at ``path`` is complete for exactly these clips, files and features."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
             return (f.attrs.get("features") == features.model_dump_json() and f["source_fid"][:].tolist() == fids
-                    and f["source_fname"].asstr()[:].tolist() == fnames)
+                    and f["source_fname"].asstr()[:].tolist() == fnames and np.array_equal(f["source_stamp"][:], stamps))
     except (OSError, KeyError):  # an unreadable or foreign file is simply made again
         return False
 
@@ -91,7 +106,7 @@ def skipped_clips(f: h5py.File) -> list[tuple[int, str]]:
     return list(zip(f["skipped_fid"][:].tolist(), f["skipped_reason"].asstr()[:].tolist()))
 
 
-def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int], fnames: list[str],
+def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int], fnames: list[str], stamps: np.ndarray,
                  progress: tqdm, target: Path) -> None:
     """Extract the clips of one part with ``pool`` and write them to ``target`` (frames and index)."""
     kept, skipped, paths = [], [], []
@@ -110,10 +125,11 @@ def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int]
     frames = np.concatenate([m for _, m in kept]) if kept else np.zeros((0, features.n_mels), np.float32)
     with atomic_h5(target) as f:
         f.create_dataset("logmel", data=frames, chunks=_frame_chunks(len(frames), features.n_mels))
-        write_index(f, features, fids, fnames, [fid for fid, _ in kept], np.cumsum([0] + [len(m) for _, m in kept]), skipped)
+        write_index(f, features, fids, fnames, stamps, [fid for fid, _ in kept], np.cumsum([0] + [len(m) for _, m in kept]), skipped)
 
 
-def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str]) -> tuple[int, list[str]]:
+def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str],
+                stamps: np.ndarray) -> tuple[int, list[str]]:
     """Copy the parts, one at a time, into the split's store; returns ``(kept clips, skip reasons)``."""
     total, kept = 0, 0
     for part in parts:
@@ -133,7 +149,7 @@ def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: 
                 kept_fids += f["fid"][:].tolist()
                 skipped += skipped_clips(f)
                 row += n
-        write_index(out, features, fids, fnames, kept_fids, np.concatenate(offsets), skipped)
+        write_index(out, features, fids, fnames, stamps, kept_fids, np.concatenate(offsets), skipped)
     return kept, [reason for _, reason in skipped]
 
 
@@ -142,8 +158,10 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     """Write ``{split}_logmel.h5`` for every clip of ``{split}_audio.csv``; returns the skipped files' messages."""
     audio = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
     fids, fnames = [int(f) for f in audio["fid"]], [str(f) for f in audio["fname"]]
+    split_dir = Path(dataset_dir) / split
+    stamps = file_stamps(split_dir, fnames)
     target = logmel_file(dataset_dir, split)
-    if not overwrite and made_from(target, features, fids, fnames):
+    if not overwrite and made_from(target, features, fids, fnames, stamps):
         log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
         with h5py.File(target, "r") as f:
             return [reason for _, reason in skipped_clips(f)]
@@ -154,7 +172,7 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     parts_dir.mkdir(exist_ok=True)
     slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
     parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
-    todo = [i for i, s in enumerate(slices) if not made_from(parts[i], features, fids[s], fnames[s])]
+    todo = [i for i, s in enumerate(slices) if not made_from(parts[i], features, fids[s], fnames[s], stamps[s])]
     done_clips = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
     if done_clips:
         log.info("%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir)
@@ -162,8 +180,9 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool, \
             tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
         for i in todo:
-            extract_part(pool, features, Path(dataset_dir) / split, fids[slices[i]], fnames[slices[i]], progress, parts[i])
-    kept, reasons = merge_parts(parts, target, features, fids, fnames)
+            s = slices[i]
+            extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
+    kept, reasons = merge_parts(parts, target, features, fids, fnames, stamps)
     shutil.rmtree(parts_dir)
     log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
     return reasons

@@ -220,6 +220,11 @@ def test_logmel_resumes_after_a_crash_without_redoing_finished_parts(tmp_path, m
     extract_split(tmp_path, "development", FEATURES.model_copy(update={"n_mels": 16}), workers=1)
     assert len(calls) == 10 and LogmelStore(logmel_file(tmp_path, "development")).n_mels == 16  # new features: redone
 
+    calls.clear()
+    sf.write(tmp_path / "development" / "dev_scene_0005.wav", sine(16000), 16000)  # same name, new recording
+    extract_split(tmp_path, "development", FEATURES.model_copy(update={"n_mels": 16}), workers=1, part_size=3)
+    assert len(calls) == 10  # the store no longer matches the files
+
 
 def test_logmel_store_records_what_it_was_made_from(tmp_path):
     write_demo_dataset(tmp_path, {"development": 3}, seed=0)
