@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import pickle
+from pickle import UnpicklingError  # only the exception torch raises for refused content; nothing is unpickled here
 
 import torch
 from safetensors import SafetensorError
@@ -57,7 +57,7 @@ def read_torch_file(path: Path) -> object:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except UnpicklingError as err:
         # torch's message is long and ends in advice to load unsafely; keep the line naming the culprit
         culprit = next((line.strip() for line in str(err).splitlines() if "nsupported" in line), "")
         raise CheckpointError(f"{path}: refused, not a checkpoint of tensors and plain containers{f' ({culprit})' if culprit else ''}; "

@@ -56,7 +56,7 @@ def compute_embeddings(checkpoint: Path, split: str | None, untrained: bool) -> 
     if untrained:
         config = read_model_config(checkpoint)
         seed_everything(config.seed)
-        model = build_model(config, device).eval()
+        model = build_model(config, device).train(False)
     else:
         model, config = load_trained_model(checkpoint, device)
     split = split or config.data.eval_split

@@ -6,14 +6,14 @@ from utils.config import ModelConfig
 
 
 def test_cnn14_encoder_shapes():
-    encoder = CNN14Encoder(n_mels=64).eval()
+    encoder = CNN14Encoder(n_mels=64).train(False)
     out = encoder(torch.randn(2, 100, 64), torch.tensor([100, 64]))
     assert out.shape == (2, 2048)
 
 
 def test_padding_does_not_change_a_clip_embedding():
     torch.manual_seed(0)
-    encoder = SmallCNNEncoder(n_mels=16, channels=[4, 8, 8], out_dim=8).eval()
+    encoder = SmallCNNEncoder(n_mels=16, channels=[4, 8, 8], out_dim=8).train(False)
     clip = torch.randn(1, 40, 16)
     alone = encoder(clip, torch.tensor([40]))
     padded = torch.cat([clip, torch.randn(1, 24, 16) * 100], dim=1)  # loud garbage in the padding

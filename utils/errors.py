@@ -5,6 +5,7 @@ one ``error:`` line instead of a traceback (``exit_on_input_error``).
 """
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,5 +40,5 @@ def exit_on_input_error() -> Iterator[None]:
     except (InputError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        logging.getLogger(__name__).warning("interrupted")
         sys.exit(130)

@@ -53,7 +53,7 @@ class SplitEmbeddings:
 @torch.no_grad()
 def embed_split(model: DualEncoderModel, dataset_dir: Path, split: str, device: torch.device, batch_size: int = 32) -> SplitEmbeddings:
     """Embed each clip and each caption of ``split`` exactly once, in batches."""
-    model.eval()
+    model.train(False)  # inference mode: dropout off, BatchNorm running statistics
     logmels = LogmelStore(logmel_file(dataset_dir, split))
     audio_rows = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
     audio_rows = audio_rows[audio_rows["fid"].isin(logmels.row_of)]
@@ -176,7 +176,7 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderMod
     model = build_model(config, device)
     weights = read_safetensors(path / EXPORT_WEIGHTS) if (path / EXPORT_WEIGHTS).is_file() else load_checkpoint(path)["model"]
     load_weights(model, weights, str(path))
-    return model.eval(), config
+    return model.train(False), config
 
 
 def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> None:
