@@ -30,12 +30,12 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TrialPlateauStopper
 
 from utils.config import Config, RayConfig, load_config, validate, with_overrides
-from utils.data import logmel_file, text_embeds_file
+from utils.data import check_split, logmel_file, read_json, text_embeds_file
 from utils.errors import ConfigError, exit_on_input_error
 from utils.experiments import BEST_FILE, latest_experiment_file
 from utils.reporting import TrialHistory, plot_metric, results_table
 from utils.runtime import setup_logging
-from utils.training import CHECKPOINT_FILE, export_model, train
+from utils.training import CHECKPOINT_FILE, build_model, export_model, train
 
 log = logging.getLogger("main")
 
@@ -126,14 +126,16 @@ def train_data_parallel(config: Config) -> None:
 
 
 def check_before_ray(config: Config, joins_cluster: bool) -> None:
-    """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing
-    preprocessed data, ``device: cuda`` without GPUs for the trials, or (on this machine) a
-    trial bigger than the machine. A cluster's size is checked once joined (``check_resources``)."""
+    """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing or
+    out-of-date preprocessed data, a model that cannot be built (e.g. a wrong pretrained weight
+    file), ``device: cuda`` without GPUs for the trials, or (on this machine) a trial bigger than the machine. A cluster's size is checked once joined (``check_resources``)."""
     data, rc = config.data, config.ray_conf
     for split in (data.train_split, data.val_split):
         for path in (logmel_file(data.dataset_dir, split), text_embeds_file(data.dataset_dir, split)):
             if not path.is_file():
                 raise ConfigError(f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)")
+        check_split(data.dataset_dir, split, config.features)
+    build_model(config, torch.device("cpu"))  # a missing or mismatched pretrained weight file fails here, not in every trial
     if config.device == "cuda" and rc.gpus_per_trial == 0:
         raise ConfigError("device: 'cuda' needs ray_conf.gpus_per_trial > 0: Ray hides the GPUs from trials that reserve none "
                           "(a fraction such as 0.5 shares a GPU), or use device: auto")
@@ -254,7 +256,7 @@ def resume_experiment(path: Path | None, storage_path: str, address: str | None 
     path = Path(path).resolve()
     if not (path / BASE_CONFIG).is_file() or not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"{path} is not a resumable experiment folder of main.py")
-    raw = json.loads((path / BASE_CONFIG).read_text())
+    raw = read_json(path / BASE_CONFIG)
     rc = validate(raw).ray_conf
     init_ray(rc, address)
     log.info("resuming %s", path)

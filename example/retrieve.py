@@ -34,7 +34,6 @@ DEFAULT_CAPTIONS = [
 ]
 
 
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audio", type=Path, nargs="+", default=[HERE / "example.wav"], help="audio files to query with (default: example/example.wav)")
@@ -46,11 +45,17 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=HERE.parent / "conf.yaml", help="config naming ray_conf.storage_path (default: conf.yaml)")
     args = parser.parse_args()
 
-    device = resolve_device("auto")
     with exit_on_input_error():
-        checkpoint = args.checkpoint or best_model(args.best, args.config)[0]
-        model, config = load_trained_model(checkpoint, device)
-        batch, lengths = pad_logmels([file_logmel(path, config.features) for path in args.audio])
+        retrieve(args)
+
+
+@torch.no_grad()
+def retrieve(args: argparse.Namespace) -> None:
+    """Embed the query files and captions (and the gallery split), then print the best matches both ways."""
+    device = resolve_device("auto")
+    checkpoint = args.checkpoint or best_model(args.best, args.config)[0]
+    model, config = load_trained_model(checkpoint, device)
+    batch, lengths = pad_logmels([file_logmel(path, config.features) for path in args.audio])
     audio_names = [p.name for p in args.audio]
     audio = model.encode_audio(batch.to(device), lengths.to(device))  # (n_files, E)
     sentence_model = load_sentence_model(config.text_embeddings.model_name, device)

@@ -57,11 +57,14 @@ def read_torch_file(path: Path) -> object:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except UnpicklingError as err:
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as err:  # corrupt files fail in many ways inside torch and its unpickler
         # torch's message is long and ends in advice to load unsafely; keep the line naming the culprit
-        culprit = next((line.strip() for line in str(err).splitlines() if "nsupported" in line), "")
-        raise CheckpointError(f"{path}: refused, not a checkpoint of tensors and plain containers{f' ({culprit})' if culprit else ''}; "
-                              "other pickled objects are never loaded because loading them can run code") from None
-    except (RuntimeError, EOFError) as err:
-        reason = str(err).split(". ")[0] if str(err) else "file ends early"
+        culprit = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        if isinstance(err, UnpicklingError) and culprit:
+            raise CheckpointError(f"{path}: refused, it holds pickled objects ({culprit}); only tensors and plain "
+                                  "containers are loaded, because unpickling other objects can run code") from None
+        # torch names the problem in its zip reader's RuntimeErrors; the unpickler's errors say nothing useful
+        reason = str(err).split(". ")[0] if isinstance(err, RuntimeError) else "corrupt, cut short or another kind of file"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None

@@ -61,8 +61,7 @@ def main() -> None:
         if args.rescore or not path.is_file():
             args.split = split
             path = write_scores(args)
-
-    scores, fnames, captions, caption_audio = load_scores(path)
+        scores, fnames, captions, caption_audio = load_scores(path)
     metrics = retrieval_metrics(scores, caption_audio)
     suffix = "_untrained" if args.untrained else ""
     title = f"{split}: {len(fnames)} clips, {len(captions)} captions ({'untrained model' if args.untrained else checkpoint})"

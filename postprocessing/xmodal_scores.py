@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from utils.errors import exit_on_input_error  # noqa: E402
-from utils.data import atomic_h5  # noqa: E402
+from utils.data import atomic_h5, check_split  # noqa: E402
 from utils.experiments import best_model  # noqa: E402
 from utils.runtime import resolve_device, seed_everything, setup_logging  # noqa: E402
 from utils.training import SplitEmbeddings, build_model, embed_split, load_trained_model, read_model_config  # noqa: E402
@@ -60,6 +60,7 @@ def compute_embeddings(checkpoint: Path, split: str | None, untrained: bool) -> 
     else:
         model, config = load_trained_model(checkpoint, device)
     split = split or config.data.eval_split
+    check_split(config.data.dataset_dir, split, config.features)  # scored with the features the model was trained on
     log.info("embedding %s split of %s with the %s model", split, config.data.dataset_dir, "untrained" if untrained else "trained")
     return embed_split(model, config.data.dataset_dir, split, device, config.param_conf.batch_size), split
 

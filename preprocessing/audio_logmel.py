@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def _extract(path: Path, features: FeatureConfig) -> np.ndarray | str:
         return file_logmel(path, features)
     except (AudioError, FileNotFoundError) as err:
         return str(err)
+    except MemoryError:  # e.g. a small compressed file that decodes to many channels at a high rate
+        return f"{path}: out of memory while decoding"
 
 
 def _frame_chunks(frames: int, n_mels: int) -> tuple[int, int] | None:
@@ -115,10 +118,12 @@ def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int]
             paths.append((fid, dataset_member(split_dir, fname)))
         except DatasetError as err:
             skipped.append((fid, str(err)))
+            log.warning("skipped %s", err)
             progress.update()
     for (fid, _), result in zip(paths, pool.map(partial(_extract, features=features), [p for _, p in paths], chunksize=8)):
         if isinstance(result, str):
             skipped.append((fid, result))
+            log.warning("skipped %s", result)
         else:
             kept.append((fid, result))
         progress.update()
@@ -131,12 +136,13 @@ def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int]
 def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str],
                 stamps: np.ndarray) -> tuple[int, list[str]]:
     """Copy the parts, one at a time, into the split's store; returns ``(kept clips, skip reasons)``."""
-    total, kept = 0, 0
+    total, kept, first_reason = 0, 0, None
     for part in parts:
         with h5py.File(part, "r") as f:
             total, kept = total + f["logmel"].shape[0], kept + f["fid"].shape[0]
+            first_reason = first_reason or next((reason for _, reason in skipped_clips(f)), None)
     if not kept:
-        raise DatasetError(f"no usable audio file (see the skipped files above); nothing written to {target}")
+        raise DatasetError(f"no usable audio file: all {len(fids)} clips were skipped, e.g. {first_reason}; nothing written to {target}")
     kept_fids, offsets, skipped = [], [np.zeros(1, np.int64)], []
     with atomic_h5(target) as out:
         frames = out.create_dataset("logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=_frame_chunks(total, features.n_mels))
@@ -163,8 +169,12 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     target = logmel_file(dataset_dir, split)
     if not overwrite and made_from(target, features, fids, fnames, stamps):
         log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
+        shutil.rmtree(target.with_name(f"{target.stem}.parts"), ignore_errors=True)  # left by a crash after the last rename
         with h5py.File(target, "r") as f:
-            return [reason for _, reason in skipped_clips(f)]
+            reasons = [reason for _, reason in skipped_clips(f)]
+        for reason in reasons:
+            log.warning("skipped earlier: %s", reason)
+        return reasons
 
     parts_dir = target.with_name(f"{target.stem}.parts")
     if overwrite:
@@ -181,7 +191,11 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
             tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
         for i in todo:
             s = slices[i]
-            extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
+            try:
+                extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
+            except BrokenProcessPool:
+                raise DatasetError(f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} to {fnames[s][-1]!r}; "
+                                   "finished parts are kept: rerun to continue, with fewer --workers if memory is short") from None
     kept, reasons = merge_parts(parts, target, features, fids, fnames, stamps)
     shutil.rmtree(parts_dir)
     log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
@@ -198,12 +212,13 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="recompute splits and parts that are already done")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. features.n_mels=128")
     args = parser.parse_args()
+    if args.workers < 1 or args.part_size < 1:
+        parser.error("--workers and --part-size must be at least 1")
     setup_logging()
     with exit_on_input_error():
         features = validate(load_raw(args.config, args.overrides)).features
         for split in args.splits:
-            for message in extract_split(args.dataset_dir, split, features, args.workers, args.part_size, args.overwrite):
-                log.warning("skipped %s", message)
+            extract_split(args.dataset_dir, split, features, args.workers, args.part_size, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ def caption_problems(captions: pd.DataFrame, csv_name: str) -> tuple[pd.Series, 
     above it spans several lines.
     """
     empty = (captions["text"].str.strip() == "") | (captions["raw_text"].str.strip() == "")
-    repeat = captions.duplicated(["fname", "text"]) & ~empty
-    first_line = captions.groupby(["fname", "text"])["cid"].transform("first") + 2
+    # repeats are looked for among the rows that are kept, so a row never repeats a dropped one
+    filled = captions[~empty]
+    repeat = filled.duplicated(["fname", "text"]).reindex(captions.index, fill_value=False)
+    first_line = filled.groupby(["fname", "text"])["cid"].transform("first") + 2
     problems = [f"{csv_name} line {row.cid + 2}: empty caption for {row.fname!r}; dropped" for row in captions[empty].itertuples()]
-    problems += [f"{csv_name} line {row.cid + 2}: repeats line {first} ({row.fname!r}); dropped"
-                 for row, first in zip(captions[repeat].itertuples(), first_line[repeat])]
+    problems += [f"{csv_name} line {row.cid + 2}: repeats line {first_line[i]} ({row.fname!r}); dropped"
+                 for i, row in zip(captions.index[repeat], captions[repeat].itertuples())]
     return ~empty & ~repeat, problems
 
 

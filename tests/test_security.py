@@ -48,13 +48,17 @@ def test_override_values_are_data_never_code(tmp_path):
 def test_checkpoint_holding_a_pickled_object_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"model": RunsCode(marker), "optimizer": {}, "scheduler": {}, "config": {}, "epoch": 1, "metrics": {}}, tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match=r"refused, not a checkpoint of tensors and plain containers .*posix\.system"):
+    with pytest.raises(CheckpointError, match=r"refused, it holds pickled objects \(.*posix\.system.*\); only tensors"):
         load_checkpoint(tmp_path)
     assert not marker.exists()
 
     (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(tmp_path)
+    for junk in (b"", b"hello world\n" * 3, os.urandom(4096)):
+        (tmp_path / "checkpoint.pt").write_bytes(junk)
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+            load_checkpoint(tmp_path)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint written by this project"):
         load_checkpoint(tmp_path)

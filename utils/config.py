@@ -249,8 +249,8 @@ def validate(raw: dict[str, Any]) -> Config:
         for e in err.errors():
             path = ".".join(str(p) for p in e["loc"])
             got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") else ""
-            lines.append(f"  {path}: {e['msg']}{got}")
-        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+            lines.append(f"{path}: {e['msg']}{got}")
+        raise ConfigError("invalid config: " + "; ".join(lines)) from None
 
 
 def search_space_samples(path: str, spec: dict[str, list[Any]], where: str = "ray_conf.search_space") -> list[Any]:
@@ -298,8 +298,11 @@ def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dic
     config_path = Path(config_path).resolve()
     if not config_path.is_file():
         raise ConfigError(f"config file {config_path} does not exist")
-    with config_path.open() as f:
-        raw = safe_yaml(f, str(config_path)) or {}
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not a UTF-8 text file") from None
+    raw = safe_yaml(text, str(config_path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} must hold a mapping of config sections")
     raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))

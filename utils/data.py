@@ -11,6 +11,7 @@ A dataset folder follows Clotho's layout, plus the files preprocessing writes::
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from utils.config import FeatureConfig
 from utils.errors import DatasetError
 
 CAPTION_COLUMNS = ("fname", "raw_text", "text")
@@ -92,6 +94,14 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return read_csv(require_file(path, "the preprocessing scripts (see README)"), columns)
 
 
+def read_json(path: Path) -> Any:
+    """Parse a JSON file written by this project; a damaged one is a ``DatasetError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
 def write_csv(table: pd.DataFrame, target: Path) -> None:
     """Write ``table`` to ``target`` under a temporary name first, so a crash leaves no half-written CSV."""
     partial_file = Path(target).with_suffix(".csv.partial")
@@ -116,6 +126,32 @@ def atomic_h5(target: Path) -> Iterator[h5py.File]:
         os.replace(partial_file, target)
     finally:
         partial_file.unlink(missing_ok=True)
+
+
+def check_split(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
+    """Refuse a split whose stores are out of step with its tables or the config: log-mels made
+    from another clip list (clip ids are positions in the sorted names, so one added file shifts
+    them) or with other ``features``, or caption embeddings missing captions of the table."""
+    store, table = logmel_file(dataset_dir, split), audio_table(dataset_dir, split)
+    audio = read_table(table, AUDIO_COLUMNS)
+    with h5py.File(require_file(store, "preprocessing/audio_logmel.py"), "r") as f:
+        if "source_fname" not in f:
+            raise DatasetError(f"{store}: written by an older audio_logmel.py; rerun it")
+        made_from = dict(zip(f["source_fid"][:].tolist(), f["source_fname"].asstr()[:].tolist()))
+        stored = json.loads(f.attrs["features"])
+    if made_from != dict(zip(audio["fid"].tolist(), audio["fname"].astype(str).tolist())):
+        raise DatasetError(f"{store}: made from another clip list than {table.name}; rerun preprocessing/audio_logmel.py")
+    wanted = features.model_dump(mode="json")
+    changed = [f"{key} {stored.get(key)!r} in the store, {value!r} in the config" for key, value in wanted.items() if stored.get(key) != value]
+    if changed:
+        raise DatasetError(f"{store}: made with other features ({'; '.join(changed)}); rerun preprocessing/audio_logmel.py with this config")
+    embeds = text_embeds_file(dataset_dir, split)
+    with h5py.File(require_file(embeds, "preprocessing/sbert_embeddings.py"), "r") as f:
+        embedded = set(f["cid"][:].tolist())
+    missing = sorted(set(read_table(text_table(dataset_dir, split), TEXT_COLUMNS)["cid"].tolist()) - embedded)
+    if missing:
+        raise DatasetError(f"{embeds}: no embedding for caption id(s) {missing[:8]} of {text_table(dataset_dir, split).name}; "
+                           "rerun preprocessing/sbert_embeddings.py")
 
 
 class LogmelStore:

@@ -33,11 +33,12 @@ class CheckpointError(InputError):
 
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
-    """For command-line scripts: bad input or a missing file ends the process with a one-line
-    ``error: ...`` (exit status 1), Ctrl-C with ``interrupted`` (130); real bugs keep their traceback."""
+    """For command-line scripts: bad input or a file that cannot be read or written ends the process
+    with a one-line ``error: ...`` (exit status 1), Ctrl-C with ``interrupted`` (130); real bugs
+    keep their traceback."""
     try:
         yield
-    except (InputError, FileNotFoundError) as err:
+    except (InputError, OSError) as err:  # OSError: missing, unreadable or unwritable files, full disks
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         logging.getLogger(__name__).warning("interrupted")

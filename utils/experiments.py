@@ -1,11 +1,11 @@
 """Finding finished experiments: the ``best.json`` that ``main.py`` writes into each experiment folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from utils.config import load_raw, validate
+from utils.data import read_json
 
 BEST_FILE = "best.json"
 
@@ -26,8 +26,7 @@ def latest_best_file(storage_path: str | Path) -> Path:
 
 def read_best(path: str | Path) -> dict[str, Any]:
     """The summary of an experiment's best trial (trial id, model export, checkpoint, metric, value, config)."""
-    with Path(path).open() as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def best_model(best_file: Path | None, config_path: Path) -> tuple[Path, Path]:

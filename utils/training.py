@@ -17,8 +17,8 @@ from models import DualEncoderModel, create_model
 from models.weights import load_weights, read_safetensors, read_torch_file
 from utils.config import Config, validate
 from utils.distributed import gather_batch, world
-from utils.data import (AUDIO_COLUMNS, TEXT_COLUMNS, CaptionPairs, LogmelStore, audio_table, logmel_file, pad_logmels, pair_loader,
-                        read_table, read_text_embeds, text_embed_dim, text_embeds_file, text_table)
+from utils.data import (AUDIO_COLUMNS, TEXT_COLUMNS, CaptionPairs, LogmelStore, audio_table, check_split, logmel_file, pad_logmels,
+                        pair_loader, read_json, read_table, read_text_embeds, text_embed_dim, text_embeds_file, text_table)
 from utils.errors import CheckpointError
 from utils.losses import LOSSES
 from utils.metrics import flatten_metrics, retrieval_metrics
@@ -161,11 +161,7 @@ def read_model_config(path: Path) -> Config:
     """The resolved config stored with a model export folder or a checkpoint."""
     path = Path(path)
     if (path / EXPORT_CONFIG).is_file():
-        try:
-            raw = json.loads((path / EXPORT_CONFIG).read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path / EXPORT_CONFIG}: not valid JSON ({err})") from None
-        return validate(raw)
+        return validate(read_json(path / EXPORT_CONFIG))
     return validate(load_checkpoint(path)["config"])
 
 
@@ -194,6 +190,8 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     device = resolve_device(config.device)
     data, params = config.data, config.param_conf
     world_size, rank = world()
+    for split in (data.train_split, data.val_split):
+        check_split(data.dataset_dir, split, config.features)
     train_set = CaptionPairs(data.dataset_dir, data.train_split)
     val_set = CaptionPairs(data.dataset_dir, data.val_split)
     train_loader = pair_loader(train_set, params.batch_size // world_size, True, config.seed, params.num_workers, world_size, rank)
