@@ -128,7 +128,8 @@ def train_data_parallel(config: Config) -> None:
 def check_before_ray(config: Config, joins_cluster: bool) -> None:
     """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing or
     out-of-date preprocessed data, a model that cannot be built (e.g. a wrong pretrained weight
-    file), ``device: cuda`` without GPUs for the trials, or (on this machine) a trial bigger than the machine. A cluster's size is checked once joined (``check_resources``)."""
+    file), ``device: cuda`` without GPUs for the trials, or (on this machine) a trial bigger than
+    the machine. A cluster's size is checked once joined (``check_resources``)."""
     data, rc = config.data, config.ray_conf
     for split in (data.train_split, data.val_split):
         for path in (logmel_file(data.dataset_dir, split), text_embeds_file(data.dataset_dir, split)):
