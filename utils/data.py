@@ -102,30 +102,31 @@ def read_json(path: Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
 
 
-def write_csv(table: pd.DataFrame, target: Path) -> None:
-    """Write ``table`` to ``target`` under a temporary name first, so a crash leaves no half-written CSV."""
-    partial_file = Path(target).with_suffix(".csv.partial")
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``target`` to write to; rename it to ``target`` only when the
+    block completes. The rename is atomic on one filesystem, so readers see the old file or the
+    whole new one, never a half-written file after a crash."""
+    target = Path(target)
+    partial_file = target.with_suffix(target.suffix + ".partial")
     try:
-        table.to_csv(partial_file, index=False)
+        yield partial_file
         os.replace(partial_file, target)
     finally:
         partial_file.unlink(missing_ok=True)
+
+
+def write_csv(table: pd.DataFrame, target: Path) -> None:
+    """Write ``table`` to ``target`` as a CSV, atomically (``atomic_path``)."""
+    with atomic_path(target) as partial_file:
+        table.to_csv(partial_file, index=False)
 
 
 @contextmanager
 def atomic_h5(target: Path) -> Iterator[h5py.File]:
-    """Write an HDF5 file under a temporary name and rename it to ``target`` only when complete.
-
-    The rename is atomic on one filesystem, so readers see the old file or the whole new one,
-    never a half-written file after a crash.
-    """
-    partial_file = Path(target).with_suffix(".h5.partial")
-    try:
-        with h5py.File(partial_file, "w") as f:
-            yield f
-        os.replace(partial_file, target)
-    finally:
-        partial_file.unlink(missing_ok=True)
+    """Write an HDF5 file atomically (``atomic_path``): open it, fill it, and it appears whole."""
+    with atomic_path(target) as partial_file, h5py.File(partial_file, "w") as f:
+        yield f
 
 
 def check_split(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
