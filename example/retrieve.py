@@ -7,23 +7,26 @@ of a dataset split.
 
     python example/retrieve.py --audio example/example.wav --caption "a dog barks" "rain falls"
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from utils.audio import file_logmel  # noqa: E402
-from utils.errors import exit_on_input_error  # noqa: E402
-from utils.data import pad_logmels  # noqa: E402
-from utils.experiments import best_model  # noqa: E402
-from utils.runtime import resolve_device  # noqa: E402
-from utils.text import load_sentence_model  # noqa: E402
-from utils.training import embed_split, load_trained_model  # noqa: E402
+from utils.audio import file_logmel
+from utils.checkpoints import load_trained_model
+from utils.cli import add_model_arguments, exit_on_input_error
+from utils.data import pad_logmels
+from utils.experiments import find_model
+from utils.inference import encode_split
+from utils.runtime import resolve_device
+from utils.text import load_sentence_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CAPTIONS = [
@@ -36,48 +39,65 @@ DEFAULT_CAPTIONS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--audio", type=Path, nargs="+", default=[HERE / "example.wav"], help="audio files to query with (default: example/example.wav)")
+    parser.add_argument(
+        "--audio",
+        type=Path,
+        nargs="+",
+        default=[HERE / "example.wav"],
+        help="audio files to query with (default: example/example.wav)",
+    )
     parser.add_argument("--caption", nargs="+", default=DEFAULT_CAPTIONS, help="captions to query with")
-    parser.add_argument("--gallery", metavar="SPLIT", help="also rank every clip and caption of this split of the checkpoint's dataset")
+    parser.add_argument(
+        "--gallery", metavar="SPLIT", help="also rank every clip and caption of this split of the checkpoint's dataset"
+    )
     parser.add_argument("--top", type=int, default=5, help="results per query (default: 5)")
-    parser.add_argument("--best", type=Path, help="best.json of an experiment (default: the latest)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint.pt or exported model folder to use instead of best.json's")
-    parser.add_argument("--config", type=Path, default=HERE.parent / "conf.yaml", help="config naming ray_conf.storage_path (default: conf.yaml)")
+    add_model_arguments(parser)
     args = parser.parse_args()
-
+    if args.top < 1:
+        parser.error("--top must be at least 1")
     with exit_on_input_error():
-        retrieve(args)
+        model_path, _ = find_model(args.checkpoint, args.best, args.config)
+        retrieve(model_path, args.audio, args.caption, args.gallery, args.top, args.device)
 
 
 @torch.no_grad()
-def retrieve(args: argparse.Namespace) -> None:
-    """Embed the query files and captions (and the gallery split), then print the best matches both ways."""
-    device = resolve_device("auto")
-    checkpoint = args.checkpoint or best_model(args.best, args.config)[0]
-    model, config = load_trained_model(checkpoint, device)
-    batch, lengths = pad_logmels([file_logmel(path, config.features) for path in args.audio])
-    audio_names = [p.name for p in args.audio]
-    audio = model.encode_audio(batch.to(device), lengths.to(device))  # (n_files, E)
-    sentence_model = load_sentence_model(config.text_embeddings.model_name, device)
-    sentence_embeds = torch.from_numpy(sentence_model.encode(args.caption, convert_to_numpy=True))
-    captions = list(args.caption)
-    text = model.encode_text(sentence_embeds.to(device))  # (n_captions, E)
-    if args.gallery:
-        gallery = embed_split(model, config.data.dataset_dir, args.gallery, device)
-        audio, audio_names = torch.cat([audio, gallery.audio.to(device)]), audio_names + gallery.fnames
-        text, captions = torch.cat([text, gallery.text.to(device)]), captions + gallery.captions
+def retrieve(
+    model_path: Path,
+    audio_files: list[Path],
+    captions: list[str],
+    gallery: str | None = None,
+    top: int = 5,
+    device: str | None = None,
+) -> torch.Tensor:
+    """Embed the query files and captions (and the ``gallery`` split), print the best matches both ways
+    and return the ``(n_audio, n_captions)`` cosine scores, queries first, then the gallery."""
+    model, config = load_trained_model(model_path, torch.device("cpu"))
+    target = resolve_device(device or config.device)
+    model.to(target)
+    batch, lengths = pad_logmels([file_logmel(path, config.features) for path in audio_files])
+    audio_names = [p.name for p in audio_files]
+    audio = model.encode_audio(batch.to(target), lengths.to(target))  # (n_files, E)
+    sentence_model = load_sentence_model(config.text_embeddings.model_name, target)
+    sentence_embeds = torch.from_numpy(sentence_model.encode(captions, convert_to_numpy=True))
+    texts = list(captions)
+    text = model.encode_text(sentence_embeds.to(target))  # (n_captions, E)
+    if gallery:
+        split = encode_split(model, config.data.dataset_dir, gallery, target)
+        audio, audio_names = torch.cat([audio, split.audio.to(target)]), audio_names + split.fnames
+        text, texts = torch.cat([text, split.text.to(target)]), texts + split.captions
     scores = (audio @ text.T).cpu()  # (n_audio, n_captions) cosine similarity
 
-    for i, path in enumerate(args.audio):
+    for i, path in enumerate(audio_files):
         print(f"\nCaptions for {path}:")
-        values, order = scores[i].topk(min(args.top, scores.shape[1]))
+        values, order = scores[i].topk(min(top, scores.shape[1]))
         for value, j in zip(values, order):
-            print(f"  {value:+.3f}  {captions[j]}")
-    for j, caption in enumerate(args.caption):
+            print(f"  {value:+.3f}  {texts[j]}")
+    for j, caption in enumerate(captions):
         print(f"\nClips for {caption!r}:")
-        values, order = scores[:, j].topk(min(args.top, scores.shape[0]))
+        values, order = scores[:, j].topk(min(top, scores.shape[0]))
         for value, i in zip(values, order):
             print(f"  {value:+.3f}  {audio_names[i]}")
+    return scores
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ $py main.py
 $py postprocessing/xmodal_retrieval.py --untrained
 $py postprocessing/xmodal_retrieval.py
 $py - <<'PY'
-import json, pathlib, sys
-sys.path.insert(0, ".")
+import json
 from utils.config import load_raw, validate
 from utils.experiments import latest_best_file
 folder = latest_best_file(validate(load_raw("conf.yaml")).ray_conf.storage_path).parent

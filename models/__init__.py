@@ -1,14 +1,30 @@
-"""Model components and their registries; ``create_model`` builds a ``DualEncoderModel`` from config."""
-from models.audio_encoders import AUDIO_ENCODERS, CNN14Encoder, SmallCNNEncoder
-from models.dual_encoder import DualEncoderModel, create_model
-from models.text_encoders import TEXT_ENCODERS, SentBERTBaseEncoder
+"""Model components and their registries; ``create_model`` builds a ``DualEncoderModel`` from config.
 
-__all__ = [
-    "AUDIO_ENCODERS",
-    "TEXT_ENCODERS",
-    "CNN14Encoder",
-    "SmallCNNEncoder",
-    "SentBERTBaseEncoder",
-    "DualEncoderModel",
-    "create_model",
-]
+The names below load on first use (PEP 562), so ``models.registry`` (the torch-free config
+base) can be imported by the config layer and plain tools without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "AUDIO_ENCODERS": "models.audio_encoders",
+    "CNN14Encoder": "models.audio_encoders",
+    "SmallCNNEncoder": "models.audio_encoders",
+    "TEXT_ENCODERS": "models.text_encoders",
+    "SentBERTBaseEncoder": "models.text_encoders",
+    "LOSSES": "models.losses",
+    "LogSoftmaxLoss": "models.losses",
+    "DualEncoderModel": "models.dual_encoder",
+    "create_model": "models.dual_encoder",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -1,21 +1,24 @@
 """Audio encoders: log-mel ``(B, T, n_mels)`` + lengths ``(B,)`` -> clip embedding ``(B, out_dim)``."""
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt
 from torch import nn
 
+from models.registry import Registry, StrictModel, configured
 from models.weights import load_weights, read_safetensors
-from utils.registry import Registry
-from utils.strict_model import StrictModel
 
 log = logging.getLogger(__name__)
 
 AUDIO_ENCODERS: Registry[type[nn.Module]] = Registry("audio encoder")
+
+Dropout = Annotated[float, Field(ge=0, lt=1)]  # a probability; 1 would zero every activation
 
 
 class ConvBlock(nn.Module):
@@ -98,14 +101,16 @@ class CNN14Encoder(ConvStackEncoder):
         name: Literal["CNN14Encoder"] = "CNN14Encoder"
         weight: Path | None = None  # safetensors file written by preprocessing/cnn14_transfer.py
         trainable: bool = True
-        dropout: float = 0.2
+        dropout: Dropout = 0.2
 
-    def __init__(self, n_mels: int, weight: Path | None = None, trainable: bool = True, dropout: float = 0.2) -> None:
-        super().__init__(n_mels, [64, 128, 256, 512, 1024, 2048], out_dim=2048, dropout=dropout, last_pool=1)
-        if weight is not None:
-            load_weights(self, read_safetensors(weight), f"model.audio_enc.weight {weight}")
-            log.info("CNN14Encoder: loaded pretrained weights from %s", weight)
-        self.requires_grad_(trainable)
+    def __init__(self, config: Config | None = None, *, n_mels: int, **fields: object) -> None:
+        config = configured(self.Config, config, fields)
+        super().__init__(n_mels, [64, 128, 256, 512, 1024, 2048], out_dim=2048, dropout=config.dropout, last_pool=1)
+        self.config = config
+        if config.weight is not None:
+            load_weights(self, read_safetensors(config.weight), f"model.audio_enc.weight {config.weight}")
+            log.info("CNN14Encoder: loaded pretrained weights from %s", config.weight)
+        self.requires_grad_(config.trainable)
 
 
 @AUDIO_ENCODERS.register
@@ -114,11 +119,11 @@ class SmallCNNEncoder(ConvStackEncoder):
 
     class Config(StrictModel):
         name: Literal["SmallCNNEncoder"] = "SmallCNNEncoder"
-        channels: list[int] = [16, 32, 64, 128]
-        out_dim: int = 256
-        dropout: float = 0.1
+        channels: list[PositiveInt] = Field([8, 16, 32, 64], min_length=1)  # one ConvBlock per width
+        out_dim: PositiveInt = 128
+        dropout: Dropout = 0.1
 
-    def __init__(self, n_mels: int, channels: list[int] = (16, 32, 64, 128), out_dim: int = 256, dropout: float = 0.1) -> None:
-        if not channels:
-            raise ValueError("SmallCNNEncoder needs at least one channel width")
-        super().__init__(n_mels, list(channels), out_dim=out_dim, dropout=dropout)
+    def __init__(self, config: Config | None = None, *, n_mels: int, **fields: object) -> None:
+        config = configured(self.Config, config, fields)
+        super().__init__(n_mels, list(config.channels), out_dim=config.out_dim, dropout=config.dropout)
+        self.config = config

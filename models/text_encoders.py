@@ -1,16 +1,13 @@
 """Text encoders: caption -> sentence embedding ``(B, out_dim)``."""
+
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
 from torch import nn
 
-from utils.registry import Registry
-from utils.strict_model import StrictModel
-
-log = logging.getLogger(__name__)
+from models.registry import Registry, StrictModel, configured
 
 TEXT_ENCODERS: Registry[type[nn.Module]] = Registry("text encoder")
 
@@ -28,9 +25,11 @@ class SentBERTBaseEncoder(nn.Module):
     class Config(StrictModel):
         name: Literal["SentBERTBaseEncoder"] = "SentBERTBaseEncoder"
 
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, config: Config | None = None, *, in_dim: int) -> None:
         super().__init__()
+        self.config = configured(self.Config, config, {})
         self.out_dim = in_dim
 
     def forward(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """``(B, in_dim)`` precomputed sentence embeddings, passed through unchanged."""
         return text_embeds

@@ -1,9 +1,9 @@
 """Loading weights into a model with a clear answer when they belong to another architecture."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-
 from pickle import UnpicklingError  # only the exception torch raises for refused content; nothing is unpickled here
 
 import torch
@@ -26,10 +26,16 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
     and the tensors whose shapes differ; silent when ``found`` fits ``expected`` exactly."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    reshaped = [f"{k}: {tuple(found[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
-                for k, v in expected.items() if k in found and found[k].shape != v.shape]
-    problems = [f"{label} {_listed(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)) if keys]
+    reshaped = [
+        f"{k}: {tuple(found[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    problems = [
+        f"{label} {_listed(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped))
+        if keys
+    ]
     if problems:
         raise CheckpointError(f"{source}: weights from another architecture; " + "; ".join(problems))
 
@@ -63,8 +69,12 @@ def read_torch_file(path: Path) -> object:
         # torch's message is long and ends in advice to load unsafely; keep the line naming the culprit
         culprit = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
         if isinstance(err, UnpicklingError) and culprit:
-            raise CheckpointError(f"{path}: refused, it holds pickled objects ({culprit}); only tensors and plain "
-                                  "containers are loaded, because unpickling other objects can run code") from None
+            raise CheckpointError(
+                f"{path}: refused, it holds pickled objects ({culprit}); only tensors and plain "
+                "containers are loaded, because unpickling other objects can run code"
+            ) from None
         # torch names the problem in its zip reader's RuntimeErrors; the unpickler's errors say nothing useful
-        reason = str(err).split(". ")[0] if isinstance(err, RuntimeError) else "corrupt, cut short or another kind of file"
+        reason = (
+            str(err).split(". ")[0] if isinstance(err, RuntimeError) else "corrupt, cut short or another kind of file"
+        )
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None

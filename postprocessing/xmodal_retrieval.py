@@ -4,8 +4,9 @@ Computes mAP@10 and R@1/5/10 for text-to-audio and audio-to-text retrieval from 
 matrix of ``xmodal_scores.py`` (computed first when missing), prints a table and writes
 ``retrieval_metrics.json`` and ``{split}.t2a_retrieval.csv`` (caption, then the top-10 file
 names) into the experiment folder. With no arguments it evaluates the latest experiment's
-best model on the evaluation split.
+best model on the evaluation split. Also runs as ``python -m postprocessing.xmodal_retrieval``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,16 +15,18 @@ import logging
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from postprocessing.xmodal_scores import add_source_arguments, load_scores, resolve_source, scores_file, write_scores  # noqa: E402
-from utils.errors import exit_on_input_error  # noqa: E402
-from utils.metrics import retrieval_metrics  # noqa: E402
-from utils.runtime import setup_logging  # noqa: E402
-from utils.training import read_model_config  # noqa: E402
+from postprocessing.xmodal_scores import add_scoring_arguments, load_scores, scores_file, write_scores
+from utils.checkpoints import read_model_config
+from utils.cli import exit_on_input_error, setup_logging
+from utils.experiments import find_model
+from utils.metrics import retrieval_metrics
 
 log = logging.getLogger("xmodal_retrieval")
 
@@ -39,36 +42,57 @@ def format_table(metrics: dict[str, dict[str, float]], title: str) -> str:
     return "\n".join(lines)
 
 
-def submission(scores: torch.Tensor, fnames: list[str], captions: list[str]) -> pd.DataFrame:
+def submission(scores: np.ndarray | torch.Tensor, fnames: list[str], captions: list[str]) -> pd.DataFrame:
     """DCASE t2a submission: for each caption, the file names of its top-10 clips, best first."""
     top = torch.as_tensor(scores).T.topk(min(TOP_K, scores.shape[0]), dim=1).indices.numpy()  # (n_captions, 10)
-    table = pd.DataFrame([[fnames[i] for i in row] for row in top], columns=[f"fname_{k + 1}" for k in range(top.shape[1])])
+    table = pd.DataFrame(
+        [[fnames[i] for i in row] for row in top], columns=[f"fname_{k + 1}" for k in range(top.shape[1])]
+    )
     table.insert(0, "caption", captions)
     return table
 
 
+def evaluate(
+    model_path: Path,
+    out_dir: Path,
+    split: str | None = None,
+    untrained: bool = False,
+    rescore: bool = False,
+    device: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score ``split`` (default: the model config's eval split) unless its scores file is there already,
+    print the metrics table, and write ``retrieval_metrics[_untrained].json`` and the submission CSV
+    into ``out_dir``; returns the metrics."""
+    split = split or read_model_config(model_path).data.eval_split
+    path = scores_file(out_dir, split, untrained)
+    if rescore or not path.is_file():
+        path = write_scores(model_path, split, out_dir, untrained, device)
+    scores, fnames, captions, caption_audio = load_scores(path)
+    metrics = retrieval_metrics(scores, caption_audio)
+    suffix = "_untrained" if untrained else ""
+    title = f"{split}: {len(fnames)} clips, {len(captions)} captions ({'untrained model' if untrained else model_path})"
+    print(format_table(metrics, title))
+    metrics_file, submission_file = (
+        out_dir / f"retrieval_metrics{suffix}.json",
+        out_dir / f"{split}.t2a_retrieval{suffix}.csv",
+    )
+    summary = {"split": split, "checkpoint": str(model_path), "untrained": untrained, **metrics}
+    metrics_file.write_text(json.dumps(summary, indent=2))
+    submission(scores, fnames, captions).to_csv(submission_file, index=False)
+    log.info("wrote %s and %s", metrics_file, submission_file)
+    return metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_source_arguments(parser)
+    add_scoring_arguments(parser)
     parser.add_argument("--rescore", action="store_true", help="recompute the scores even if the scores file exists")
     args = parser.parse_args()
     setup_logging()
     torch.set_grad_enabled(False)
     with exit_on_input_error():
-        checkpoint, out_dir = resolve_source(args)
-        split = args.split or read_model_config(checkpoint).data.eval_split
-        path = scores_file(out_dir, split, args.untrained)
-        if args.rescore or not path.is_file():
-            args.split = split
-            path = write_scores(args)
-        scores, fnames, captions, caption_audio = load_scores(path)
-    metrics = retrieval_metrics(scores, caption_audio)
-    suffix = "_untrained" if args.untrained else ""
-    title = f"{split}: {len(fnames)} clips, {len(captions)} captions ({'untrained model' if args.untrained else checkpoint})"
-    print(format_table(metrics, title))
-    (out_dir / f"retrieval_metrics{suffix}.json").write_text(json.dumps({"split": split, "checkpoint": str(checkpoint), "untrained": args.untrained, **metrics}, indent=2))
-    submission(scores, fnames, captions).to_csv(out_dir / f"{split}.t2a_retrieval{suffix}.csv", index=False)
-    log.info("wrote %s and %s", out_dir / f"retrieval_metrics{suffix}.json", out_dir / f"{split}.t2a_retrieval{suffix}.csv")
+        model_path, folder = find_model(args.checkpoint, args.best, args.config)
+        evaluate(model_path, args.out_dir or folder, args.split, args.untrained, args.rescore, args.device)
 
 
 if __name__ == "__main__":

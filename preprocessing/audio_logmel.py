@@ -12,6 +12,7 @@ matches the clip table, the files' sizes and times and the features config is no
 Every file is written under a temporary name and renamed when complete: a crash never
 leaves a half-written file behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,17 +25,18 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from utils.audio import file_logmel  # noqa: E402
-from utils.config import FeatureConfig, load_raw, validate  # noqa: E402
-from utils.data import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table  # noqa: E402
-from utils.errors import AudioError, DatasetError, exit_on_input_error  # noqa: E402
-from utils.runtime import setup_logging  # noqa: E402
+from utils.audio import FeatureConfig, file_logmel
+from utils.cli import add_preprocessing_arguments, exit_on_input_error, setup_logging
+from utils.config import load_raw, validate
+from utils.errors import AudioError, DatasetError
+from utils.stores import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table
 
 log = logging.getLogger("audio_logmel")
 
@@ -74,8 +76,16 @@ def file_stamps(split_dir: Path, fnames: list[str]) -> np.ndarray:
     return stamps
 
 
-def write_index(f: h5py.File, features: FeatureConfig, fids: list[int], fnames: list[str], stamps: np.ndarray,
-                kept_fids: list[int], offsets: np.ndarray, skipped: list[tuple[int, str]]) -> None:
+def write_index(
+    f: h5py.File,
+    features: FeatureConfig,
+    fids: list[int],
+    fnames: list[str],
+    stamps: np.ndarray,
+    kept_fids: list[int],
+    offsets: np.ndarray,
+    skipped: list[tuple[int, str]],
+) -> None:
     """Write everything of a store but its ``logmel`` frames.
 
     ``offsets`` (n+1,) marks the rows of each kept clip ``fid`` in ``logmel``;
@@ -93,14 +103,20 @@ def write_index(f: h5py.File, features: FeatureConfig, fids: list[int], fnames: 
     f.attrs["features"] = features.model_dump_json()
 
 
-def made_from(path: Path, features: FeatureConfig, fids: list[int], fnames: list[str], stamps: np.ndarray) -> bool:
+def store_is_current(
+    path: Path, features: FeatureConfig, fids: list[int], fnames: list[str], stamps: np.ndarray
+) -> bool:
     """Whether the store at ``path`` is complete for exactly these clips, files and features."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return (f.attrs.get("features") == features.model_dump_json() and f["source_fid"][:].tolist() == fids
-                    and f["source_fname"].asstr()[:].tolist() == fnames and np.array_equal(f["source_stamp"][:], stamps))
+            return (
+                f.attrs.get("features") == features.model_dump_json()
+                and f["source_fid"][:].tolist() == fids
+                and f["source_fname"].asstr()[:].tolist() == fnames
+                and np.array_equal(f["source_stamp"][:], stamps)
+            )
     except (OSError, KeyError):  # an unreadable or foreign file is simply made again
         return False
 
@@ -109,8 +125,16 @@ def skipped_clips(f: h5py.File) -> list[tuple[int, str]]:
     return list(zip(f["skipped_fid"][:].tolist(), f["skipped_reason"].asstr()[:].tolist()))
 
 
-def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int], fnames: list[str], stamps: np.ndarray,
-                 progress: tqdm, target: Path) -> None:
+def extract_part(
+    pool,
+    features: FeatureConfig,
+    split_dir: Path,
+    fids: list[int],
+    fnames: list[str],
+    stamps: np.ndarray,
+    progress: tqdm,
+    target: Path,
+) -> None:
     """Extract the clips of one part with ``pool`` and write them to ``target`` (frames and index)."""
     kept, skipped, paths = [], [], []
     for fid, fname in zip(fids, fnames):
@@ -120,7 +144,9 @@ def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int]
             skipped.append((fid, str(err)))
             log.warning("skipped %s", err)
             progress.update()
-    for (fid, _), result in zip(paths, pool.map(partial(_extract, features=features), [p for _, p in paths], chunksize=8)):
+    for (fid, _), result in zip(
+        paths, pool.map(partial(_extract, features=features), [p for _, p in paths], chunksize=8)
+    ):
         if isinstance(result, str):
             skipped.append((fid, result))
             log.warning("skipped %s", result)
@@ -130,11 +156,21 @@ def extract_part(pool, features: FeatureConfig, split_dir: Path, fids: list[int]
     frames = np.concatenate([m for _, m in kept]) if kept else np.zeros((0, features.n_mels), np.float32)
     with atomic_h5(target) as f:
         f.create_dataset("logmel", data=frames, chunks=_frame_chunks(len(frames), features.n_mels))
-        write_index(f, features, fids, fnames, stamps, [fid for fid, _ in kept], np.cumsum([0] + [len(m) for _, m in kept]), skipped)
+        write_index(
+            f,
+            features,
+            fids,
+            fnames,
+            stamps,
+            [fid for fid, _ in kept],
+            np.cumsum([0] + [len(m) for _, m in kept]),
+            skipped,
+        )
 
 
-def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str],
-                stamps: np.ndarray) -> tuple[int, list[str]]:
+def merge_parts(
+    parts: list[Path], target: Path, features: FeatureConfig, fids: list[int], fnames: list[str], stamps: np.ndarray
+) -> tuple[int, list[str]]:
     """Copy the parts, one at a time, into the split's store; returns ``(kept clips, skip reasons)``."""
     total, kept, first_reason = 0, 0, None
     for part in parts:
@@ -142,10 +178,15 @@ def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: 
             total, kept = total + f["logmel"].shape[0], kept + f["fid"].shape[0]
             first_reason = first_reason or next((reason for _, reason in skipped_clips(f)), None)
     if not kept:
-        raise DatasetError(f"no usable audio file: all {len(fids)} clips were skipped, e.g. {first_reason}; nothing written to {target}")
+        raise DatasetError(
+            f"no usable audio file: all {len(fids)} clips were skipped, e.g. {first_reason}; "
+            f"nothing written to {target}"
+        )
     kept_fids, offsets, skipped = [], [np.zeros(1, np.int64)], []
     with atomic_h5(target) as out:
-        frames = out.create_dataset("logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=_frame_chunks(total, features.n_mels))
+        frames = out.create_dataset(
+            "logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=_frame_chunks(total, features.n_mels)
+        )
         row = 0
         for part in parts:
             with h5py.File(part, "r") as f:
@@ -159,17 +200,25 @@ def merge_parts(parts: list[Path], target: Path, features: FeatureConfig, fids: 
     return kept, [reason for _, reason in skipped]
 
 
-def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, workers: int,
-                  part_size: int = PART_SIZE, overwrite: bool = False) -> list[str]:
+def extract_split(
+    dataset_dir: Path,
+    split: str,
+    features: FeatureConfig,
+    workers: int,
+    part_size: int = PART_SIZE,
+    overwrite: bool = False,
+) -> list[str]:
     """Write ``{split}_logmel.h5`` for every clip of ``{split}_audio.csv``; returns the skipped files' messages."""
     audio = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
     fids, fnames = [int(f) for f in audio["fid"]], [str(f) for f in audio["fname"]]
     split_dir = Path(dataset_dir) / split
     stamps = file_stamps(split_dir, fnames)
     target = logmel_file(dataset_dir, split)
-    if not overwrite and made_from(target, features, fids, fnames, stamps):
+    if not overwrite and store_is_current(target, features, fids, fnames, stamps):
         log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
-        shutil.rmtree(target.with_name(f"{target.stem}.parts"), ignore_errors=True)  # left by a crash after the last rename
+        shutil.rmtree(
+            target.with_name(f"{target.stem}.parts"), ignore_errors=True
+        )  # left by a crash after the last rename
         with h5py.File(target, "r") as f:
             reasons = [reason for _, reason in skipped_clips(f)]
         for reason in reasons:
@@ -182,20 +231,27 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
     parts_dir.mkdir(exist_ok=True)
     slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
     parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
-    todo = [i for i, s in enumerate(slices) if not made_from(parts[i], features, fids[s], fnames[s], stamps[s])]
+    todo = [i for i, s in enumerate(slices) if not store_is_current(parts[i], features, fids[s], fnames[s], stamps[s])]
     done_clips = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
     if done_clips:
-        log.info("%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir)
+        log.info(
+            "%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir
+        )
     # --workers 1 decodes in this process (one thread), which is easier to debug and to profile
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
+    with (
+        ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress,
+    ):
         for i in todo:
             s = slices[i]
             try:
                 extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
             except BrokenProcessPool:
-                raise DatasetError(f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} to {fnames[s][-1]!r}; "
-                                   "finished parts are kept: rerun to continue, with fewer --workers if memory is short") from None
+                raise DatasetError(
+                    f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} "
+                    f"to {fnames[s][-1]!r}; "
+                    "finished parts are kept: rerun to continue, with fewer --workers if memory is short"
+                ) from None
     kept, reasons = merge_parts(parts, target, features, fids, fnames, stamps)
     shutil.rmtree(parts_dir)
     log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
@@ -204,13 +260,19 @@ def extract_split(dataset_dir: Path, split: str, features: FeatureConfig, worker
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", type=Path, required=True, help="dataset folder indexed by clotho_dataset.py")
-    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "conf.yaml", help="config with the features section (default: conf.yaml)")
-    parser.add_argument("--splits", nargs="+", default=["development", "validation", "evaluation"], help="splits to process")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores; 1 runs in this process)")
-    parser.add_argument("--part-size", type=int, default=PART_SIZE, help=f"clips per saved part, the most a rerun repeats (default: {PART_SIZE})")
-    parser.add_argument("--overwrite", action="store_true", help="recompute splits and parts that are already done")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. features.n_mels=128")
+    add_preprocessing_arguments(parser, "features", "features.n_mels=128")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count(),
+        help="worker processes (default: all cores; 1 runs in this process)",
+    )
+    parser.add_argument(
+        "--part-size",
+        type=int,
+        default=PART_SIZE,
+        help=f"clips per saved part, the most a rerun repeats (default: {PART_SIZE})",
+    )
     args = parser.parse_args()
     if args.workers < 1 or args.part_size < 1:
         parser.error("--workers and --part-size must be at least 1")

@@ -12,6 +12,7 @@ clips whose audio is missing, unreadable, empty or truncated. A file name used i
 one split is reported too (Clotho v2 itself has four). The tables are written only when
 complete, never half.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,15 @@ import logging
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from utils.audio import audio_duration  # noqa: E402
-from utils.data import CAPTION_COLUMNS, audio_table, captions_csv, dataset_member, read_csv, text_table, write_csv  # noqa: E402
-from utils.errors import AudioError, DatasetError, exit_on_input_error  # noqa: E402
-from utils.runtime import setup_logging  # noqa: E402
+from utils.audio import audio_duration
+from utils.cli import SPLITS, exit_on_input_error, setup_logging
+from utils.errors import AudioError, DatasetError
+from utils.stores import CAPTION_COLUMNS, audio_table, captions_csv, dataset_member, read_csv, text_table, write_csv
 
 log = logging.getLogger("clotho_dataset")
 
@@ -42,9 +44,14 @@ def caption_problems(captions: pd.DataFrame, csv_name: str) -> tuple[pd.Series, 
     filled = captions[~empty]
     repeat = filled.duplicated(["fname", "text"]).reindex(captions.index, fill_value=False)
     first_line = filled.groupby(["fname", "text"])["cid"].transform("first") + 2
-    problems = [f"{csv_name} line {row.cid + 2}: empty caption for {row.fname!r}; dropped" for row in captions[empty].itertuples()]
-    problems += [f"{csv_name} line {row.cid + 2}: repeats line {first_line[i]} ({row.fname!r}); dropped"
-                 for i, row in zip(captions.index[repeat], captions[repeat].itertuples())]
+    problems = [
+        f"{csv_name} line {row.cid + 2}: empty caption for {row.fname!r}; dropped"
+        for row in captions[empty].itertuples()
+    ]
+    problems += [
+        f"{csv_name} line {row.cid + 2}: repeats line {first_line[i]} ({row.fname!r}); dropped"
+        for i, row in zip(captions.index[repeat], captions[repeat].itertuples())
+    ]
     return ~empty & ~repeat, problems
 
 
@@ -52,7 +59,9 @@ def index_split(dataset_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFra
     """``(audio table, text table, problems)`` for one split; problems are human-readable lines."""
     csv_path = captions_csv(dataset_dir, split)
     if not csv_path.is_file():
-        raise DatasetError(f"{csv_path} not found: each split needs its captions file (columns {','.join(CAPTION_COLUMNS)})")
+        raise DatasetError(
+            f"{csv_path} not found: each split needs its captions file (columns {','.join(CAPTION_COLUMNS)})"
+        )
     captions = read_csv(csv_path, CAPTION_COLUMNS, dtype=str).reset_index(names="cid")
     if captions.empty:
         raise DatasetError(f"{csv_path}: no caption rows")
@@ -86,14 +95,19 @@ def shared_names(audio_tables: dict[str, pd.DataFrame]) -> list[str]:
         for b in splits[i + 1 :]:
             common = sorted(set(audio_tables[a]["fname"]) & set(audio_tables[b]["fname"]))
             if common:
-                lines.append(f"{len(common)} file name(s) in both {a} and {b}, e.g. {common[0]!r}: make sure they are different recordings")
+                lines.append(
+                    f"{len(common)} file name(s) in both {a} and {b}, e.g. {common[0]!r}: "
+                    "make sure they are different recordings"
+                )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", type=Path, required=True, help="folder with {split}/ audio and {split}_captions.csv")
-    parser.add_argument("--splits", nargs="+", default=["development", "validation", "evaluation"], help="splits to index")
+    parser.add_argument(
+        "--dataset-dir", type=Path, required=True, help="folder with {split}/ audio and {split}_captions.csv"
+    )
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), help="splits to index")
     args = parser.parse_args()
     setup_logging()
     with exit_on_input_error():
@@ -109,7 +123,14 @@ def main() -> None:
             write_csv(audio, audio_table(args.dataset_dir, split))
             write_csv(text, text_table(args.dataset_dir, split))
             audio_tables[split] = audio
-            log.info("%s: %d clips (%.1f h), %d captions, %d problem(s)", split, len(audio), audio["duration"].sum() / 3600, len(text), len(problems))
+            log.info(
+                "%s: %d clips (%.1f h), %d captions, %d problem(s)",
+                split,
+                len(audio),
+                audio["duration"].sum() / 3600,
+                len(text),
+                len(problems),
+            )
         for line in shared_names(audio_tables):
             log.warning(line)
 

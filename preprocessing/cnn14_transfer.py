@@ -7,6 +7,7 @@ embedding) under the same names; the AudioSet classifier and the front end are d
 because features are precomputed by ``audio_logmel.py``. Point ``model.audio_enc.weight``
 at the output file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,15 +15,16 @@ import logging
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from models import CNN14Encoder  # noqa: E402
-from models.weights import check_state_dict, read_torch_file  # noqa: E402
-from utils.errors import CheckpointError, exit_on_input_error  # noqa: E402
-from utils.runtime import setup_logging  # noqa: E402
+from models import CNN14Encoder
+from models.weights import check_state_dict, read_torch_file
+from utils.cli import exit_on_input_error, setup_logging
+from utils.errors import CheckpointError
 
 log = logging.getLogger("cnn14_transfer")
 
@@ -30,7 +32,9 @@ PANNS_N_MELS = 64
 DROPPED_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.", "fc_audioset.")
 
 
-def convert_panns_state(panns_state: dict[str, torch.Tensor], source: str = "PANNs checkpoint") -> dict[str, torch.Tensor]:
+def convert_panns_state(
+    panns_state: dict[str, torch.Tensor], source: str = "PANNs checkpoint"
+) -> dict[str, torch.Tensor]:
     """PANNs Cnn14 state dict -> ``CNN14Encoder`` state dict; every encoder tensor must be present with its shape
     (``CheckpointError`` listing the keys otherwise)."""
     expected = CNN14Encoder(n_mels=PANNS_N_MELS).state_dict()
@@ -47,14 +51,21 @@ def transfer(panns_checkpoint: Path, output: Path) -> Path:
     state = convert_panns_state(checkpoint["model"], str(panns_checkpoint))
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output))
-    log.info("wrote %d tensors (%.1fM parameters) to %s", len(state), sum(v.numel() for v in state.values()) / 1e6, output)
+    log.info(
+        "wrote %d tensors (%.1fM parameters) to %s", len(state), sum(v.numel() for v in state.values()) / 1e6, output
+    )
     return output
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="PANNs Cnn14_mAP=0.431.pth")
-    parser.add_argument("--output", type=Path, default=Path("pretrained/CNN14Encoder.safetensors"), help="output file (default: pretrained/CNN14Encoder.safetensors)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("pretrained/CNN14Encoder.safetensors"),
+        help="output file (default: pretrained/CNN14Encoder.safetensors)",
+    )
     args = parser.parse_args()
     setup_logging()
     with exit_on_input_error():

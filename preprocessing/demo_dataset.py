@@ -7,6 +7,7 @@ and in which order, so retrieval needs both the event types and their order.
 
 Deterministic: the same ``--seed`` writes byte-identical files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,18 +15,18 @@ import logging
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import pandas as pd
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from utils.runtime import setup_logging  # noqa: E402
+from utils.cli import SPLITS, setup_logging
 
 log = logging.getLogger("demo_dataset")
 
 SAMPLE_RATE = 16000
-SPLITS = ("development", "validation", "evaluation")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 PITCH_HZ = {"low": 330.0, "medium": 880.0, "high": 2400.0}
 
@@ -70,12 +71,48 @@ def _hum(rng: np.random.Generator) -> np.ndarray:
 
 # Each event kind: (synthesiser, phrase templates). ``{n}`` = count word, ``{p}`` = pitch word.
 EVENT_PHRASES = {
-    "beeps": ["{n} {p} beeps", "{n} {p}-pitched beeps", "a {p} tone beeping {n} times", "{n} short {p} pitched tones", "{p} beeps, {n} of them"],
-    "noise": ["a burst of static noise", "a short hiss of white noise", "a noisy static burst", "a blast of hissing noise", "a rush of static"],
-    "rising": ["a rising whistle", "a tone sweeping upward", "an upward chirp", "a pitch that rises quickly", "a whistle going up"],
-    "falling": ["a falling whistle", "a tone sweeping downward", "a downward chirp", "a pitch that drops quickly", "a whistle going down"],
-    "clicks": ["{n} sharp clicks", "a rapid series of {n} clicks", "{n} ticking sounds", "clicking {n} times", "{n} quick taps"],
-    "hum": ["a low electrical hum", "a deep buzzing drone", "a low humming noise", "an electric buzz", "a steady low drone"],
+    "beeps": [
+        "{n} {p} beeps",
+        "{n} {p}-pitched beeps",
+        "a {p} tone beeping {n} times",
+        "{n} short {p} pitched tones",
+        "{p} beeps, {n} of them",
+    ],
+    "noise": [
+        "a burst of static noise",
+        "a short hiss of white noise",
+        "a noisy static burst",
+        "a blast of hissing noise",
+        "a rush of static",
+    ],
+    "rising": [
+        "a rising whistle",
+        "a tone sweeping upward",
+        "an upward chirp",
+        "a pitch that rises quickly",
+        "a whistle going up",
+    ],
+    "falling": [
+        "a falling whistle",
+        "a tone sweeping downward",
+        "a downward chirp",
+        "a pitch that drops quickly",
+        "a whistle going down",
+    ],
+    "clicks": [
+        "{n} sharp clicks",
+        "a rapid series of {n} clicks",
+        "{n} ticking sounds",
+        "clicking {n} times",
+        "{n} quick taps",
+    ],
+    "hum": [
+        "a low electrical hum",
+        "a deep buzzing drone",
+        "a low humming noise",
+        "an electric buzz",
+        "a steady low drone",
+    ],
 }
 CONNECTORS = ["then", "followed by", "and after that", "before", "and then"]
 LOUDNESS = {"quiet": ["quiet", "soft", "faint"], "loud": ["loud", "strong", "intense"]}
@@ -128,7 +165,11 @@ def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
             connector = "then" if connector == "before" else connector
             text = f", {connector} ".join(phrases)
         adjective = LOUDNESS[loud][variant % 3]
-        text = f"{'you can hear ' if variant == 3 else ''}{text}, all {adjective}" if variant % 2 else f"{adjective} sounds: {text}"
+        text = (
+            f"{'you can hear ' if variant == 3 else ''}{text}, all {adjective}"
+            if variant % 2
+            else f"{adjective} sounds: {text}"
+        )
         captions.append(text[0].upper() + text[1:] + ".")
     return np.clip(scene, -1.0, 1.0).astype(np.float32), captions
 
@@ -150,9 +191,17 @@ def write_demo_dataset(out_dir: Path, clips_per_split: dict[str, int], seed: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", type=Path, default=Path("data/demo"), help="output folder (default: data/demo)")
-    parser.add_argument("--clips", type=int, nargs=3, default=(300, 100, 100), metavar=("DEV", "VAL", "EVAL"),
-                        help="clips per split: development validation evaluation (default: 300 100 100)")
+    parser.add_argument(
+        "--dataset-dir", type=Path, default=Path("data/demo"), help="output folder (default: data/demo)"
+    )
+    parser.add_argument(
+        "--clips",
+        type=int,
+        nargs=3,
+        default=(300, 100, 100),
+        metavar=("DEV", "VAL", "EVAL"),
+        help="clips per split: development validation evaluation (default: 300 100 100)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args()
     setup_logging()

@@ -8,6 +8,7 @@ when it is installed, so the default works offline. A split whose file already h
 same captions (ids and texts) embedded by the same model is not redone (``--overwrite`` forces it); the file
 is written under a temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,16 +18,18 @@ import logging
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: import the project from its root, as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
-
-from utils.config import load_raw, validate  # noqa: E402
-from utils.data import TEXT_COLUMNS, atomic_h5, read_table, text_embeds_file, text_table  # noqa: E402
-from utils.errors import DatasetError, exit_on_input_error  # noqa: E402
-from utils.runtime import resolve_device, setup_logging  # noqa: E402
-from utils.text import load_sentence_model  # noqa: E402
+from utils.cli import add_preprocessing_arguments, exit_on_input_error, setup_logging
+from utils.config import load_raw, validate
+from utils.errors import DatasetError
+from utils.runtime import resolve_device
+from utils.stores import TEXT_COLUMNS, atomic_h5, read_table, text_embeds_file, text_table
+from utils.text import load_sentence_model
 
 log = logging.getLogger("sbert_embeddings")
 
@@ -36,32 +39,39 @@ def captions_digest(captions: list[str]) -> str:
     return hashlib.sha256(json.dumps(captions).encode()).hexdigest()
 
 
-def up_to_date(path: Path, cids: np.ndarray, digest: str, model_name: str) -> bool:
+def store_is_current(path: Path, cids: np.ndarray, digest: str, model_name: str) -> bool:
     """Whether ``path`` holds embeddings of exactly these captions (ids and texts) by ``model_name``."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return (f.attrs.get("model_name") == model_name and f.attrs.get("captions_sha256") == digest
-                    and np.array_equal(f["cid"][:], cids))
+            return (
+                f.attrs.get("model_name") == model_name
+                and f.attrs.get("captions_sha256") == digest
+                and np.array_equal(f["cid"][:], cids)
+            )
     except (OSError, KeyError):  # an unreadable or foreign file is simply made again
         return False
 
 
-def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_size: int, overwrite: bool = False) -> Path:
+def embed_captions(
+    dataset_dir: Path, split: str, model, model_name: str, batch_size: int, overwrite: bool = False
+) -> Path:
     """Write ``{split}_text_embeds.h5`` for the captions of ``{split}_text.csv``."""
     text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
     cids, captions = text["cid"].to_numpy(np.int64), text["text"].astype(str).tolist()
     digest = captions_digest(captions)
     target = text_embeds_file(dataset_dir, split)
-    if not overwrite and up_to_date(target, cids, digest, model_name):
+    if not overwrite and store_is_current(target, cids, digest, model_name):
         log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
         return target
     embeds = model.encode(captions, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
     bad = ~np.isfinite(embeds).all(axis=1)
     if bad.any():
-        raise DatasetError(f"{text_table(dataset_dir, split)}: {model_name} gives NaN/inf embeddings for caption id(s) "
-                           f"{cids[bad][:8].tolist()}; nothing written")
+        raise DatasetError(
+            f"{text_table(dataset_dir, split)}: {model_name} gives NaN/inf embeddings for caption id(s) "
+            f"{cids[bad][:8].tolist()}; nothing written"
+        )
     with atomic_h5(target) as f:
         f.create_dataset("cid", data=cids)
         f.create_dataset("embedding", data=embeds.astype(np.float32))
@@ -73,11 +83,7 @@ def embed_split(dataset_dir: Path, split: str, model, model_name: str, batch_siz
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", type=Path, required=True, help="dataset folder indexed by clotho_dataset.py")
-    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "conf.yaml", help="config with the text_embeddings section (default: conf.yaml)")
-    parser.add_argument("--splits", nargs="+", default=["development", "validation", "evaluation"], help="splits to process")
-    parser.add_argument("--overwrite", action="store_true", help="recompute splits that are already done")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. text_embeddings.model_name=all-mpnet-base-v2")
+    add_preprocessing_arguments(parser, "text_embeddings", "text_embeddings.model_name=all-mpnet-base-v2")
     args = parser.parse_args()
     setup_logging()
     with exit_on_input_error():
@@ -85,7 +91,7 @@ def main() -> None:
         name = config.text_embeddings.model_name
         model = load_sentence_model(name, resolve_device(config.device))
         for split in args.splits:
-            embed_split(args.dataset_dir, split, model, name, config.text_embeddings.batch_size, args.overwrite)
+            embed_captions(args.dataset_dir, split, model, name, config.text_embeddings.batch_size, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,25 @@
 """Shared fixtures: a tiny generated dataset and the real conf.yaml shrunk to it (1 epoch, tiny CNN, CPU)."""
+
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parents[1]  # on sys.path through pyproject.toml's pytest `pythonpath`
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a model hub
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for the throwaway test clusters
 
-from preprocessing.audio_logmel import extract_split  # noqa: E402
-from preprocessing.clotho_dataset import index_split  # noqa: E402
-from preprocessing.demo_dataset import SPLITS, write_demo_dataset  # noqa: E402
-from preprocessing.sbert_embeddings import embed_split  # noqa: E402
-from utils.config import load_raw, validate  # noqa: E402
-from utils.data import audio_table, text_table  # noqa: E402
-from utils.runtime import resolve_device  # noqa: E402
-from utils.text import load_sentence_model  # noqa: E402
+from preprocessing.audio_logmel import extract_split
+from preprocessing.clotho_dataset import index_split
+from preprocessing.demo_dataset import SPLITS, write_demo_dataset
+from preprocessing.sbert_embeddings import embed_captions
+from utils.config import load_raw, validate
+from utils.runtime import resolve_device
+from utils.stores import audio_table, text_table
+from utils.text import load_sentence_model
 
 TINY_OVERRIDES = [
     "param_conf.num_epochs=1",
@@ -36,10 +35,6 @@ TINY_OVERRIDES = [
 ]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: starts Ray or trains for several epochs (still run by default)")
-
-
 def index_dataset(dataset_dir: Path, splits=SPLITS) -> None:
     """Run clotho_dataset's indexing for ``splits`` and write its tables."""
     for split in splits:
@@ -48,9 +43,9 @@ def index_dataset(dataset_dir: Path, splits=SPLITS) -> None:
         text.to_csv(text_table(dataset_dir, split), index=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray per test module (start-up costs seconds), without dashboard or log forwarding."""
+    """One local Ray for the whole test session (start-up costs seconds), without dashboard or log forwarding."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -73,11 +68,14 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sentence_model) -> Pa
     features = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset_dir}"])).features
     for split in SPLITS:
         assert extract_split(dataset_dir, split, features, workers=2) == []
-        embed_split(dataset_dir, split, sentence_model, "sentence-transformers/all-MiniLM-L6-v2", batch_size=64)
+        embed_captions(dataset_dir, split, sentence_model, "sentence-transformers/all-MiniLM-L6-v2", batch_size=64)
     return dataset_dir
 
 
 @pytest.fixture
 def tiny_raw(tiny_dataset: Path, tmp_path: Path) -> dict:
     """The raw conf.yaml dict shrunk to the tiny dataset, with experiments stored under tmp_path."""
-    return load_raw(REPO_ROOT / "conf.yaml", TINY_OVERRIDES + [f"data.dataset_dir={tiny_dataset}", f"ray_conf.storage_path={tmp_path / 'runs'}"])
+    return load_raw(
+        REPO_ROOT / "conf.yaml",
+        TINY_OVERRIDES + [f"data.dataset_dir={tiny_dataset}", f"ray_conf.storage_path={tmp_path / 'runs'}"],
+    )

@@ -1,4 +1,5 @@
 """Bad input gets a one-line error naming the file, row or key, and never leaves partial output."""
+
 import io
 import json
 import re
@@ -13,20 +14,28 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO_ROOT, index_dataset
 from safetensors.torch import save_file
 
-from conftest import REPO_ROOT, index_dataset
 from preprocessing import audio_logmel
 from preprocessing.audio_logmel import extract_split
 from preprocessing.clotho_dataset import index_split, shared_names
 from preprocessing.demo_dataset import write_demo_dataset
-from preprocessing.sbert_embeddings import embed_split
+from preprocessing.sbert_embeddings import embed_captions
 from utils import training
-from utils.audio import file_logmel
-from utils.config import FeatureConfig, load_raw, validate, with_overrides
-from utils.data import LogmelStore, audio_table, check_split, logmel_file, text_embeds_file, text_table
+from utils.audio import FeatureConfig, file_logmel
+from utils.checkpoints import (
+    CHECKPOINT_FILE,
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    build_model,
+    load_trained_model,
+    save_checkpoint,
+)
+from utils.config import load_raw, validate, with_overrides
 from utils.errors import AudioError, CheckpointError, DatasetError
-from utils.training import CHECKPOINT_FILE, EXPORT_CONFIG, EXPORT_WEIGHTS, build_model, load_trained_model, save_checkpoint, train
+from utils.stores import LogmelStore, audio_table, check_split, logmel_file, text_embeds_file, text_table
+from utils.training import train
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
 
@@ -72,10 +81,18 @@ def test_unusable_audio_is_an_error_naming_the_file(tmp_path, name):
     assert str(err.value).startswith(str(tmp_path / name)) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("fmt, subtype, rate, channels", [
-    ("WAV", "PCM_16", 48000, 2), ("WAV", "PCM_24", 8000, 1), ("WAV", "FLOAT", 16000, 3),
-    ("FLAC", None, 22050, 1), ("OGG", None, 44100, 2), ("MP3", None, 32000, 1), ("AIFF", None, 11025, 2),
-])
+@pytest.mark.parametrize(
+    "fmt, subtype, rate, channels",
+    [
+        ("WAV", "PCM_16", 48000, 2),
+        ("WAV", "PCM_24", 8000, 1),
+        ("WAV", "FLOAT", 16000, 3),
+        ("FLAC", None, 22050, 1),
+        ("OGG", None, 44100, 2),
+        ("MP3", None, 32000, 1),
+        ("AIFF", None, 11025, 2),
+    ],
+)
 def test_any_rate_channels_and_format_give_the_same_analysis(tmp_path, fmt, subtype, rate, channels):
     path = tmp_path / f"clip.{fmt.lower()}"
     path.write_bytes(encoded(fmt, np.repeat(sine(rate)[:, None], channels, axis=1), rate, subtype))
@@ -103,15 +120,18 @@ def dataset(tmp_path):
 
 
 def test_caption_rows_are_checked_line_by_line(dataset):
-    write_captions(dataset, [
-        ("a.wav", "a dog barks", "a dog barks"),        # line 2
-        ("a.wav", " ", " "),                            # line 3: empty caption
-        ("b.wav", "rain falls", "rain falls"),          # line 4
-        ("a.wav", "a dog barks", "a dog barks"),        # line 5: repeats line 2
-        ("missing.wav", "wind", "wind"),                # line 6: no such file
-        ("c.wav", "", "a car passes"),                  # line 7: empty raw caption
-        ("c.wav", "a car passes", "a car passes"),      # line 8: kept, line 7 was dropped
-    ])
+    write_captions(
+        dataset,
+        [
+            ("a.wav", "a dog barks", "a dog barks"),  # line 2
+            ("a.wav", " ", " "),  # line 3: empty caption
+            ("b.wav", "rain falls", "rain falls"),  # line 4
+            ("a.wav", "a dog barks", "a dog barks"),  # line 5: repeats line 2
+            ("missing.wav", "wind", "wind"),  # line 6: no such file
+            ("c.wav", "", "a car passes"),  # line 7: empty raw caption
+            ("c.wav", "a car passes", "a car passes"),  # line 8: kept, line 7 was dropped
+        ],
+    )
     audio, text, problems = index_split(dataset, "development")
     report = "\n".join(problems)
     assert "development_captions.csv line 3: empty caption for 'a.wav'" in report
@@ -140,13 +160,19 @@ def test_file_names_cannot_point_outside_the_split_folder(dataset):
     assert LogmelStore(logmel_file(dataset, "development")).fids.tolist() == audio["fid"].tolist()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("file_name,caption_1,caption_2\na.wav,x,y\n", "missing column(s) fname, raw_text, text; expected fname, raw_text, text, found file_name, caption_1"),
-    ("fname,raw_text,text\n", "no caption rows"),
-    ("", "not a readable UTF-8 CSV"),
-    (b"\xff\xfe\x00garbage\x81\x82", "not a readable UTF-8 CSV"),
-    ('fname,raw_text,text\na.wav,"unclosed quote,x\n', "not a readable UTF-8 CSV"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "file_name,caption_1,caption_2\na.wav,x,y\n",
+            "missing column(s) fname, raw_text, text; expected fname, raw_text, text, found file_name, caption_1",
+        ),
+        ("fname,raw_text,text\n", "no caption rows"),
+        ("", "not a readable UTF-8 CSV"),
+        (b"\xff\xfe\x00garbage\x81\x82", "not a readable UTF-8 CSV"),
+        ('fname,raw_text,text\na.wav,"unclosed quote,x\n', "not a readable UTF-8 CSV"),
+    ],
+)
 def test_unreadable_captions_file_is_one_error_naming_it(dataset, content, message):
     path = dataset / "development_captions.csv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -162,7 +188,14 @@ def run_script(*args):
 def test_clotho_dataset_script_fails_in_one_line_and_writes_nothing_for_a_bad_split(dataset):
     write_captions(dataset, [("a.wav", "a dog barks", "a dog barks")])
     write_captions(dataset, [("x.wav", "y")], split="validation", header="file_name,caption_1")
-    result = run_script(REPO_ROOT / "preprocessing" / "clotho_dataset.py", "--dataset-dir", dataset, "--splits", "development", "validation")
+    result = run_script(
+        REPO_ROOT / "preprocessing" / "clotho_dataset.py",
+        "--dataset-dir",
+        dataset,
+        "--splits",
+        "development",
+        "validation",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "validation_captions.csv: missing column(s)" in last
@@ -171,8 +204,11 @@ def test_clotho_dataset_script_fails_in_one_line_and_writes_nothing_for_a_bad_sp
 
 
 def test_names_shared_between_splits_are_reported():
-    tables = {"development": pd.DataFrame({"fname": ["a.wav", "b.wav"]}), "validation": pd.DataFrame({"fname": ["b.wav"]}),
-              "evaluation": pd.DataFrame({"fname": ["c.wav"]})}
+    tables = {
+        "development": pd.DataFrame({"fname": ["a.wav", "b.wav"]}),
+        "validation": pd.DataFrame({"fname": ["b.wav"]}),
+        "evaluation": pd.DataFrame({"fname": ["c.wav"]}),
+    }
     (line,) = shared_names(tables)
     assert line.startswith("1 file name(s) in both development and validation, e.g. 'b.wav'")
 
@@ -202,7 +238,9 @@ def test_logmel_resumes_after_a_crash_without_redoing_finished_parts(tmp_path, m
     assert not logmel_file(tmp_path, "development").exists()
 
     calls.clear()
-    monkeypatch.setattr(audio_logmel, "file_logmel", lambda path, features: calls.append(path) or file_logmel(path, features))
+    monkeypatch.setattr(
+        audio_logmel, "file_logmel", lambda path, features: calls.append(path) or file_logmel(path, features)
+    )
     skipped = extract_split(tmp_path, "development", FEATURES, workers=1, part_size=3)
     assert len(calls) == 4  # clips 7-10 only
     assert len(skipped) == 1 and "dev_scene_0001.wav" in skipped[0]  # reported although found before the crash
@@ -243,7 +281,11 @@ def test_all_clips_unusable_is_an_error_and_writes_no_store(tmp_path):
     index_dataset(tmp_path, ["development"])
     for wav in (tmp_path / "development").glob("*.wav"):
         wav.write_bytes(b"")
-    with pytest.raises(DatasetError, match=r"no usable audio file: all 2 clips were skipped, e\.g\. .*dev_scene_0000\.wav: not a readable audio file"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no usable audio file: all 2 clips were skipped, e\.g\. .*dev_scene_0000\.wav: "
+        r"not a readable audio file",
+    ):
         extract_split(tmp_path, "development", FEATURES, workers=1)
     assert not logmel_file(tmp_path, "development").exists()
 
@@ -267,19 +309,19 @@ def test_sentence_embeddings_skip_finished_splits_and_refuse_nan(tiny_dataset, s
     shutil.copytree(tiny_dataset, dataset)
     name = "sentence-transformers/all-MiniLM-L6-v2"
     model = CountingModel(sentence_model)
-    embed_split(dataset, "validation", model, name, batch_size=64)
+    embed_captions(dataset, "validation", model, name, batch_size=64)
     assert model.calls == 0  # same captions, same model: up to date
-    embed_split(dataset, "validation", model, name, batch_size=64, overwrite=True)
+    embed_captions(dataset, "validation", model, name, batch_size=64, overwrite=True)
     assert model.calls == 1
     table = pd.read_csv(text_table(dataset, "validation"), keep_default_na=False)
     table.loc[3, "text"] = "an edited caption keeps its id"
     table.to_csv(text_table(dataset, "validation"), index=False)
-    embed_split(dataset, "validation", model, name, batch_size=64)
+    embed_captions(dataset, "validation", model, name, batch_size=64)
     assert model.calls == 2  # same ids, new text: embedded again
 
     text_embeds_file(dataset, "validation").unlink()
     with pytest.raises(DatasetError, match=r"NaN/inf embeddings for caption id\(s\) \[\d+\]; nothing written"):
-        embed_split(dataset, "validation", CountingModel(sentence_model, poison=True), name, batch_size=64)
+        embed_captions(dataset, "validation", CountingModel(sentence_model, poison=True), name, batch_size=64)
     assert not text_embeds_file(dataset, "validation").exists() and not list(dataset.glob("*.partial"))
 
 
@@ -297,7 +339,9 @@ def test_weights_of_another_architecture_are_refused_with_their_keys(tiny_raw, t
     assert "shape mismatch audio_encoder.fc1.weight: (16, 8) in the checkpoint, (16, 16) in the model" in message
     assert "audio_proj.weight: (16, 16) in the checkpoint, (32, 16) in the model" in message
 
-    result = run_script(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py", "--checkpoint", export, "--split", "validation")
+    result = run_script(
+        REPO_ROOT / "postprocessing" / "xmodal_retrieval.py", "--checkpoint", export, "--split", "validation"
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {export}: weights from another architecture")
 
@@ -309,7 +353,9 @@ def test_resuming_from_a_checkpoint_of_another_architecture_names_the_keys(tiny_
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
     save_checkpoint(tmp_path, model, optimizer, scheduler, config, epoch=1, metrics={})
     wider = validate(with_overrides(tiny_raw, {"model.embed_dim": 24}))
-    with pytest.raises(CheckpointError, match=r"shape mismatch audio_proj\.weight: \(16, 16\) in the checkpoint, \(24, 16\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch audio_proj\.weight: \(16, 16\) in the checkpoint, \(24, 16\)"
+    ):
         train(wider, lambda metrics, folder: None, resume_from=tmp_path / CHECKPOINT_FILE)
 
 
@@ -318,20 +364,36 @@ def test_out_of_memory_fails_the_trial_with_advice(tiny_raw, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(training, "run_epoch", no_memory)
-    with pytest.raises(torch.OutOfMemoryError, match=r"out of cpu memory in epoch 1 with param_conf\.batch_size=16: lower the batch size"):
+    with pytest.raises(
+        torch.OutOfMemoryError,
+        match=r"out of cpu memory in epoch 1 with param_conf\.batch_size=16: lower the batch size",
+    ):
         train(validate(tiny_raw), lambda metrics, folder: None)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["ray_conf.cpus_per_trial=4096"], r"one trial needs 4096 CPU \(1 worker\(s\) x cpus/gpus_per_trial\) but this machine has \d+"),
-    (["ray_conf.gpus_per_trial=64"], r"one trial needs 64 GPU .* but this machine has \d+"),
-    (["device=cuda"], r"device: 'cuda' needs ray_conf.gpus_per_trial > 0"),
-    (["ray_conf.cpus_per_trail=1"], r"ray_conf.cpus_per_trail"),
-    (["param_conf.batch_size=large", "optimizer.lr=fast"], r"invalid config: optimizer.lr: .*; param_conf.batch_size: "),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["ray_conf.cpus_per_trial=4096"],
+            r"one trial needs 4096 CPU \(1 worker\(s\) x cpus/gpus_per_trial\) but this machine has \d+",
+        ),
+        (["ray_conf.gpus_per_trial=64"], r"one trial needs 64 GPU .* but this machine has \d+"),
+        (["device=cuda"], r"device: 'cuda' needs ray_conf.gpus_per_trial > 0"),
+        (["ray_conf.cpus_per_trail=1"], r"ray_conf.cpus_per_trail"),
+        (
+            ["param_conf.batch_size=large", "optimizer.lr=fast"],
+            r"invalid config: optimizer.lr: .*; param_conf.batch_size: ",
+        ),
+    ],
+)
 def test_main_refuses_impossible_configs_before_ray_starts(tiny_dataset, overrides, message):
-    result = run_script(REPO_ROOT / "main.py", f"data.dataset_dir={tiny_dataset}", "ray_conf.include_dashboard=false", *overrides)
-    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1  # one line, nothing else
+    result = run_script(
+        REPO_ROOT / "main.py", f"data.dataset_dir={tiny_dataset}", "ray_conf.include_dashboard=false", *overrides
+    )
+    assert (
+        result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    )  # one line, nothing else
     assert re.search(message, result.stderr)
 
 
@@ -341,7 +403,11 @@ def test_stores_out_of_step_with_tables_or_config_are_refused(tiny_dataset, tmp_
     features = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset}"])).features
     check_split(dataset, "validation", features)  # in step
 
-    with pytest.raises(DatasetError, match=r"made with other features \(n_mels 64 in the store, 32 in the config\); rerun preprocessing/audio_logmel\.py"):
+    with pytest.raises(
+        DatasetError,
+        match=r"made with other features \(n_mels 64 in the store, 32 in the config\); "
+        r"rerun preprocessing/audio_logmel\.py",
+    ):
         check_split(dataset, "validation", features.model_copy(update={"n_mels": 32}))
 
     # A clip added to the captions file shifts the ids of every clip sorted after it.
@@ -350,10 +416,16 @@ def test_stores_out_of_step_with_tables_or_config_are_refused(tiny_dataset, tmp_
     captions.loc[len(captions)] = {"fname": "aaa_new.wav", "raw_text": "a new clip", "text": "a new clip"}
     captions.to_csv(dataset / "validation_captions.csv", index=False)
     index_dataset(dataset, ["validation"])
-    with pytest.raises(DatasetError, match=r"validation_logmel\.h5: made from another clip list than validation_audio\.csv"):
+    with pytest.raises(
+        DatasetError, match=r"validation_logmel\.h5: made from another clip list than validation_audio\.csv"
+    ):
         check_split(dataset, "validation", features)
     extract_split(dataset, "validation", features, workers=1)
-    with pytest.raises(DatasetError, match=r"no embedding for caption id\(s\) \[60\] of validation_text\.csv; rerun preprocessing/sbert_embeddings\.py"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no embedding for caption id\(s\) \[60\] of validation_text\.csv; "
+        r"rerun preprocessing/sbert_embeddings\.py",
+    ):
         check_split(dataset, "validation", features)
 
 

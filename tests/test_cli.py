@@ -1,9 +1,9 @@
 """Every script answers --help, and main.py refuses bad input before Ray starts."""
+
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 SCRIPTS = [
@@ -38,7 +38,32 @@ def test_main_rejects_bad_key_and_missing_data_before_ray(tmp_path):
     assert "Ray" not in result.stderr  # rejected before any Ray start-up
 
 
-def test_library_imports_without_ray():
-    code = "import sys, models, utils.training, utils.audio, utils.text, utils.experiments; assert 'ray' not in sys.modules"
-    result = run("-c", code)
-    assert result.returncode == 0, result.stderr
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["criterion.temperature=0"],
+            "error: invalid config: criterion.temperature: Input should be greater than 0 (got 0)",
+        ),
+        (
+            ["model.audio_enc.channels=[]"],
+            "error: invalid config: model.audio_enc.channels: List should have at least 1 item",
+        ),
+        (
+            ["ray_conf.search_space={criterion.temperature: {grid: [0.1, 0]}}"],
+            "error: ray_conf.search_space.criterion.temperature=0 gives an invalid config: criterion.temperature: "
+            "Input should be greater than 0",
+        ),
+        (
+            ["model.audio_enc.chanels=[4]"],
+            "error: invalid config: model.audio_enc.chanels: Extra inputs are not permitted",
+        ),
+        (["features.fmax=9000"], "error: invalid config: features: Value error, need fmin < fmax <= sample_rate / 2"),
+    ],
+    ids=["temperature-0", "no-channels", "searched-temperature-0", "misspelt-key", "fmax-above-nyquist"],
+)
+def test_component_constraints_fail_in_one_line_before_ray(overrides, message, tmp_path):
+    result = run("main.py", f"ray_conf.storage_path={tmp_path}", *overrides)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    assert result.stderr.startswith(message), result.stderr
+    assert not list(tmp_path.iterdir())  # refused before Ray or any experiment folder

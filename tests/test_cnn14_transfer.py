@@ -1,4 +1,5 @@
 """PANNs Cnn14 -> CNN14Encoder, on a checkpoint built with PANNs' exact key layout and shapes."""
+
 import pytest
 import torch
 
@@ -15,8 +16,13 @@ def panns_cnn14_state() -> dict:
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
 
     def bn(prefix, n):
-        return {f"{prefix}.weight": rand(n), f"{prefix}.bias": rand(n), f"{prefix}.running_mean": rand(n),
-                f"{prefix}.running_var": rand(n).abs(), f"{prefix}.num_batches_tracked": torch.tensor(7)}
+        return {
+            f"{prefix}.weight": rand(n),
+            f"{prefix}.bias": rand(n),
+            f"{prefix}.running_mean": rand(n),
+            f"{prefix}.running_var": rand(n).abs(),
+            f"{prefix}.num_batches_tracked": torch.tensor(7),
+        }
 
     state = {
         "spectrogram_extractor.stft.conv_real.weight": rand(513, 1, 1024),
@@ -29,7 +35,14 @@ def panns_cnn14_state() -> dict:
         state[f"conv_block{i}.conv2.weight"] = rand(c_out, c_out, 3, 3)
         state.update(bn(f"conv_block{i}.bn1", c_out))
         state.update(bn(f"conv_block{i}.bn2", c_out))
-    state.update({"fc1.weight": rand(2048, 2048), "fc1.bias": rand(2048), "fc_audioset.weight": rand(527, 2048), "fc_audioset.bias": rand(527)})
+    state.update(
+        {
+            "fc1.weight": rand(2048, 2048),
+            "fc1.bias": rand(2048),
+            "fc_audioset.weight": rand(527, 2048),
+            "fc_audioset.bias": rand(527),
+        }
+    )
     return state
 
 
@@ -55,7 +68,10 @@ def test_wrong_checkpoint_is_rejected_with_the_keys(tmp_path):
     del panns["fc_audioset.weight"]
     panns["fc1.bias"] = torch.zeros(2048)
     torch.save({"model": panns}, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"conv_block2\.conv1\.weight: \(128, 64, 5, 5\) in the checkpoint, \(128, 64, 3, 3\) in the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"conv_block2\.conv1\.weight: \(128, 64, 5, 5\) in the checkpoint, \(128, 64, 3, 3\) in the model",
+    ):
         transfer(tmp_path / "bad.pth", tmp_path / "out.safetensors")
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="under 'model'"):

@@ -1,11 +1,12 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
+
+from models import AUDIO_ENCODERS
+from models.registry import StrictModel
 from utils.config import load_config, load_raw, parse_override, validate, validate_search_space, with_overrides
 from utils.errors import ConfigError
-from models import AUDIO_ENCODERS
 
 CONF = REPO_ROOT / "conf.yaml"
 
@@ -26,12 +27,15 @@ def test_overrides_are_typed_by_yaml():
         parse_override("no_equals_sign")
 
 
-@pytest.mark.parametrize("override, path", [
-    ("param_conf.bach_size=64", "param_conf.bach_size"),
-    ("model.audio_enc.chanels=[4]", "model.audio_enc.SmallCNNEncoder.chanels"),
-    ("optimizer.lr=fast", "optimizer.lr"),
-    ("criterion.dist=euclid", "criterion.dist"),
-])
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("param_conf.bach_size=64", "param_conf.bach_size"),
+        ("model.audio_enc.chanels=[4]", "model.audio_enc.chanels"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("criterion.dist=euclid", "criterion.dist"),
+    ],
+)
 def test_unknown_or_mistyped_key_fails_with_its_path(override, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
         load_config(CONF, [override])
@@ -45,14 +49,17 @@ def test_encoder_name_typo_lists_valid_names():
         AUDIO_ENCODERS.get("CNN14Encodr")
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"optimizer.lrr": {"grid": [0.1]}}, r"optimizer\.lrr"),
-    ({"optimizer.lr": {"grid": [0.1, "big"]}}, r"optimizer\.lr='big'"),
-    ({"optimizer.lr": {"loguniform": [0, 1]}}, "not a valid range"),
-    ({"optimizer.lr": {"normal": [0, 1]}}, "unknown kind 'normal'"),
-    ({"param_conf.batch_size": {"randint": [8]}}, "needs 2 numbers"),
-    ({"ray_conf.num_samples": {"grid": [1, 2]}}, "cannot be searched"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"optimizer.lrr": {"grid": [0.1]}}, r"optimizer\.lrr"),
+        ({"optimizer.lr": {"grid": [0.1, "big"]}}, r"optimizer\.lr='big'"),
+        ({"optimizer.lr": {"loguniform": [0, 1]}}, "not a valid range"),
+        ({"optimizer.lr": {"normal": [0, 1]}}, "unknown kind 'normal'"),
+        ({"param_conf.batch_size": {"randint": [8]}}, "needs 2 numbers"),
+        ({"ray_conf.num_samples": {"grid": [1, 2]}}, "cannot be searched"),
+    ],
+)
 def test_bad_search_space_is_rejected_before_ray_starts(space, message):
     with pytest.raises(ConfigError, match=message):
         validate_search_space(load_raw(CONF), space)
@@ -60,7 +67,9 @@ def test_bad_search_space_is_rejected_before_ray_starts(space, message):
 
 def test_search_space_from_yaml_is_checked_at_load(tmp_path: Path):
     config_file = tmp_path / "conf.yaml"
-    config_file.write_text(CONF.read_text().replace("optimizer.lr:\n      grid:", "optimizer.learning_rate:\n      grid:"))
+    config_file.write_text(
+        CONF.read_text().replace("optimizer.lr:\n      grid:", "optimizer.learning_rate:\n      grid:")
+    )
     with pytest.raises(ConfigError, match=r"search_space\.optimizer\.learning_rate"):
         load_config(config_file)
 
@@ -75,3 +84,39 @@ def test_batch_must_split_over_data_parallel_workers():
         load_config(CONF, ["param_conf.batch_size=30", "ray_conf.workers_per_trial=4"])
     config, _ = load_config(CONF, ["param_conf.batch_size=32", "ray_conf.workers_per_trial=4"])
     assert config.ray_conf.workers_per_trial == 4
+
+
+def defaults_that_disagree(model, raw: dict, path: str = "") -> list[str]:
+    """Keys of ``raw`` (conf.yaml) whose schema field has a default other than the value written there."""
+    wrong = []
+    for key, written in raw.items():
+        field, value = type(model).model_fields[key], getattr(model, key)
+        if isinstance(value, StrictModel) and isinstance(written, dict):
+            wrong += defaults_that_disagree(value, written, f"{path}{key}.")
+        elif not field.is_required() and value != field.get_default(call_default_factory=True):
+            wrong.append(
+                f"{path}{key}: {value!r} in conf.yaml, default {field.get_default(call_default_factory=True)!r}"
+            )
+    return wrong
+
+
+def test_schema_defaults_agree_with_conf_yaml():
+    config, raw = load_config(CONF)
+    assert defaults_that_disagree(config, raw) == []
+    # keys the file must give: the experiment's own choices have no default to drift from
+    missing = validate_errors({k: v for k, v in raw.items() if k not in ("experiment", "features")})
+    assert "experiment: Field required" in missing and "features: Field required" in missing
+
+
+def validate_errors(raw: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    return str(err.value)
+
+
+def test_misspelt_key_inside_a_named_section_is_reported_at_its_real_path():
+    raw = with_overrides(load_raw(CONF), {"criterion.temprature": 0.1, "ray_conf.scheduler.grace_perod": 2})
+    message = validate_errors(raw)
+    assert "criterion.temprature: Extra inputs are not permitted" in message
+    assert "ray_conf.scheduler.grace_perod: Extra inputs are not permitted" in message
+    assert "LogSoftmaxLoss" not in message and "ASHA." not in message  # no union tags in the paths

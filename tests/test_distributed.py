@@ -1,12 +1,13 @@
 """Data-parallel training sees the global batch: two gloo workers give the single-process gradient."""
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from models.losses import LogSoftmaxLoss
 from utils.distributed import gather_batch, world
-from utils.losses import LogSoftmaxLoss
 
 AUDIO_IDS = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])  # several captions of one clip, split across workers
 
@@ -37,7 +38,7 @@ def worker(rank: int, world_size: int, store: str, out: str) -> None:
     a, t = model(audio[rows], text[rows])
     a, t, ids = gather_batch(a, t, AUDIO_IDS[rows])
     assert torch.equal(ids, AUDIO_IDS)
-    loss = LogSoftmaxLoss(0.1)(a, t, ids)
+    loss = LogSoftmaxLoss(temperature=0.1)(a, t, ids)
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
@@ -52,7 +53,7 @@ def test_two_workers_match_one_process_on_the_global_batch(tmp_path):
 
     model = Towers()
     audio, text = inputs()
-    loss = LogSoftmaxLoss(0.1)(*model(audio, text), AUDIO_IDS)
+    loss = LogSoftmaxLoss(temperature=0.1)(*model(audio, text), AUDIO_IDS)
     loss.backward()
     assert torch.allclose(distributed["loss"], loss.detach(), atol=1e-6)
     for name, param in model.named_parameters():

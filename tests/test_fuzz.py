@@ -1,4 +1,6 @@
-"""Random bytes and random CSVs into the preprocessing entry points: a clean error or a clean skip, never a crash or a hang."""
+"""Random bytes and random CSVs into the preprocessing entry points: a clean error or a clean skip,
+never a crash or a hang."""
+
 import csv
 import io
 import subprocess
@@ -8,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-
 from conftest import REPO_ROOT
+
 from preprocessing.clotho_dataset import index_split
-from utils.audio import audio_duration, file_logmel
-from utils.config import FeatureConfig
-from utils.data import LogmelStore, logmel_file
+from utils.audio import FeatureConfig, audio_duration, file_logmel
 from utils.errors import AudioError, DatasetError
+from utils.stores import LogmelStore, logmel_file
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32, max_seconds=60)
 MAGIC = [b"", b"RIFF", b"fLaC", b"OggS", b"ID3\x03", b"FORM", b"\xff\xfb"]
@@ -34,7 +35,9 @@ def random_audio_bytes(rng: np.random.Generator) -> bytes:
         return MAGIC[rng.integers(len(MAGIC))] + rng.bytes(int(rng.integers(0, 4096)))
     data = bytearray(valid_audio(rng))
     if kind == 1:
-        for at in rng.integers(0, min(len(data), 200), size=int(rng.integers(1, 8))):  # the header is where parsers trip
+        for at in rng.integers(
+            0, min(len(data), 200), size=int(rng.integers(1, 8))
+        ):  # the header is where parsers trip
             data[at] = int(rng.integers(256))
         return bytes(data)
     return bytes(data[: int(rng.integers(0, len(data)))])
@@ -59,9 +62,33 @@ def test_random_audio_bytes_give_features_or_an_audio_error(tmp_path):
     assert min(outcomes.values()) > 10, outcomes  # both paths were exercised
 
 
-CELLS = ["a.wav", "b.wav", "../a.wav", "/etc/passwd", "", " ", "..", "sub/b.wav", "a dog barks", "rain, then wind",
-         'quote " inside', "line\nbreak", "\u00e9t\u00e9 \u266b", "x" * 5000, "nul\x00byte", "nan", "NULL", "1e308"]
-HEADERS = [["fname", "raw_text", "text"], ["text", "fname", "raw_text", "extra"], ["file_name", "caption_1"], ["fname", "text"], []]
+CELLS = [
+    "a.wav",
+    "b.wav",
+    "../a.wav",
+    "/etc/passwd",
+    "",
+    " ",
+    "..",
+    "sub/b.wav",
+    "a dog barks",
+    "rain, then wind",
+    'quote " inside',
+    "line\nbreak",
+    "\u00e9t\u00e9 \u266b",
+    "x" * 5000,
+    "nul\x00byte",
+    "nan",
+    "NULL",
+    "1e308",
+]
+HEADERS = [
+    ["fname", "raw_text", "text"],
+    ["text", "fname", "raw_text", "extra"],
+    ["file_name", "caption_1"],
+    ["fname", "text"],
+    [],
+]
 
 
 def random_captions(rng: np.random.Generator) -> bytes:
@@ -71,8 +98,10 @@ def random_captions(rng: np.random.Generator) -> bytes:
     header = HEADERS[0] if rng.random() < 0.6 else HEADERS[rng.integers(1, len(HEADERS))]
     width = len(header) or 3
     ragged = rng.random() < 0.2  # rows of other lengths than the header
-    rows = [[CELLS[rng.integers(len(CELLS))] for _ in range(width + (int(rng.integers(-1, 2)) if ragged else 0))]
-            for _ in range(int(rng.integers(0, 12)))]
+    rows = [
+        [CELLS[rng.integers(len(CELLS))] for _ in range(width + (int(rng.integers(-1, 2)) if ragged else 0))]
+        for _ in range(int(rng.integers(0, 12)))
+    ]
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     text = (",".join(header) + "\n" if header else "") + buffer.getvalue()
@@ -119,7 +148,19 @@ def test_preprocessing_scripts_skip_fuzzed_files_and_keep_the_good_ones(tmp_path
         rows.append({"fname": name, "raw_text": f"caption {i}", "text": f"caption {i}"})
     pd.DataFrame(rows).to_csv(tmp_path / "development_captions.csv", index=False)
     for script, args in [("clotho_dataset.py", []), ("audio_logmel.py", ["--workers", "2", "features.n_mels=32"])]:
-        result = subprocess.run([sys.executable, REPO_ROOT / "preprocessing" / script, "--dataset-dir", tmp_path, "--splits", "development", *args],
-                                capture_output=True, text=True, timeout=240)
+        result = subprocess.run(
+            [
+                sys.executable,
+                REPO_ROOT / "preprocessing" / script,
+                "--dataset-dir",
+                tmp_path,
+                "--splits",
+                "development",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert sorted(LogmelStore(logmel_file(tmp_path, "development")).fids.tolist()) == good

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import LOSSES, LogSoftmaxLoss
+from models.losses import LOSSES, LogSoftmaxLoss
 
 
 def per_anchor_loss(audio, text, audio_ids, temperature, dist):
@@ -26,7 +26,7 @@ def test_loss_equals_per_anchor_definition(dist, temperature):
     torch.manual_seed(0)
     audio, text = torch.randn(12, 8), torch.randn(12, 8)
     audio_ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7])  # several captions of one clip in a batch
-    fast = LogSoftmaxLoss(temperature, dist)(audio, text, audio_ids)
+    fast = LogSoftmaxLoss(temperature=temperature, dist=dist)(audio, text, audio_ids)
     assert torch.allclose(fast, per_anchor_loss(audio, text, audio_ids, temperature, dist), rtol=1e-5, atol=1e-5)
 
 
@@ -34,7 +34,7 @@ def test_same_clip_captions_are_not_negatives():
     # Two rows of the same clip with swapped texts: for anchor 0 the only candidate is itself, loss 0.
     audio = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    loss = LogSoftmaxLoss(0.1)(audio, text, torch.tensor([3, 3]))
+    loss = LogSoftmaxLoss(temperature=0.1)(audio, text, torch.tensor([3, 3]))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -47,6 +47,10 @@ def test_gradients_flow_to_both_towers():
 
 def test_registry_builds_loss_and_rejects_bad_temperature():
     loss = LOSSES.build(LogSoftmaxLoss.Config(temperature=0.5))
-    assert isinstance(loss, LogSoftmaxLoss) and loss.temperature == 0.5
+    assert isinstance(loss, LogSoftmaxLoss) and loss.config.temperature == 0.5
     with pytest.raises(ValueError, match="temperature"):
         LogSoftmaxLoss(temperature=0.0)
+    with pytest.raises(
+        TypeError, match=r"takes a LogSoftmaxLoss\.Config or keyword fields \(name, temperature, dist\)"
+    ):
+        LogSoftmaxLoss(0.1)

@@ -36,7 +36,9 @@ def test_metrics_equal_plain_per_query_version(seed):
     caption_audio = np.repeat(np.arange(n_audio), 5)  # 5 captions per clip, like Clotho
     rng.shuffle(caption_audio)
     # Informative but noisy scores so hits land at many different ranks.
-    scores = rng.normal(size=(n_audio, caption_audio.size)) + 2.0 * (caption_audio[None, :] == np.arange(n_audio)[:, None])
+    scores = rng.normal(size=(n_audio, caption_audio.size)) + 2.0 * (
+        caption_audio[None, :] == np.arange(n_audio)[:, None]
+    )
     fast = retrieval_metrics(scores, caption_audio)
     plain = plain_retrieval_metrics(scores, caption_audio)
     for direction in ("t2a", "a2t"):

@@ -5,13 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-
 from conftest import REPO_ROOT, index_dataset
+
 from preprocessing.audio_logmel import extract_split
 from preprocessing.clotho_dataset import index_split
 from preprocessing.demo_dataset import write_demo_dataset
-from utils.config import FeatureConfig
-from utils.data import LogmelStore, logmel_file, read_text_embeds, text_embeds_file
+from utils.audio import FeatureConfig
+from utils.stores import LogmelStore, logmel_file, read_text_embeds, text_embeds_file
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
 

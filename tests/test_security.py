@@ -1,16 +1,17 @@
 """Nothing read from a file or the command line is ever run as code; the dashboard stays local."""
+
 import ast
 import os
 
 import h5py
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from main import is_loopback
+from utils.checkpoints import load_checkpoint
 from utils.config import RayConfig, load_raw, parse_override, validate
 from utils.errors import CheckpointError, ConfigError
-from utils.training import load_checkpoint
 
 PROJECT_FILES = sorted(p for p in REPO_ROOT.rglob("*.py") if ".venv" not in p.parts)
 
@@ -47,7 +48,10 @@ def test_override_values_are_data_never_code(tmp_path):
 
 def test_checkpoint_holding_a_pickled_object_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "ran"
-    torch.save({"model": RunsCode(marker), "optimizer": {}, "scheduler": {}, "config": {}, "epoch": 1, "metrics": {}}, tmp_path / "checkpoint.pt")
+    torch.save(
+        {"model": RunsCode(marker), "optimizer": {}, "scheduler": {}, "config": {}, "epoch": 1, "metrics": {}},
+        tmp_path / "checkpoint.pt",
+    )
     with pytest.raises(CheckpointError, match=r"refused, it holds pickled objects \(.*posix\.system.*\); only tensors"):
         load_checkpoint(tmp_path)
     assert not marker.exists()
@@ -92,12 +96,18 @@ def test_source_never_evaluates_strings_or_unpickles_data(path):
         name = dotted(call.func)
         keywords = {k.arg: k.value for k in call.keywords}
         assert name not in ("eval", "exec", "compile", "__import__"), f"{path.name}:{call.lineno} calls {name}"
-        assert name not in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "pd.read_pickle"), f"{path.name}:{call.lineno}"
+        assert name not in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "pd.read_pickle"), (
+            f"{path.name}:{call.lineno}"
+        )
         assert not name.startswith(UNPICKLERS), f"{path.name}:{call.lineno} calls {name}"
         if name == "torch.load":
-            assert isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True, f"{path.name}:{call.lineno}"
+            assert isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True, (
+                f"{path.name}:{call.lineno}"
+            )
         if name == "np.load":
-            assert isinstance(keywords.get("allow_pickle"), ast.Constant) and keywords["allow_pickle"].value is False, f"{path.name}:{call.lineno}"
+            assert isinstance(keywords.get("allow_pickle"), ast.Constant) and keywords["allow_pickle"].value is False, (
+                f"{path.name}:{call.lineno}"
+            )
 
 
 def test_dashboard_is_local_by_default_and_the_readme_says_how_to_reach_it():

@@ -1,14 +1,17 @@
 """The training loop without Ray: metrics, checkpoints and resuming."""
+
 import pytest
 import torch
 
+from utils.checkpoints import load_checkpoint, load_trained_model
 from utils.config import validate, with_overrides
-from utils.training import load_checkpoint, load_trained_model, train
+from utils.training import train
 
 
 def collect(reports):
     def report(metrics, folder):
         reports.append((metrics, load_checkpoint(folder)))
+
     return report
 
 

@@ -1,23 +1,31 @@
 """A real Ray Tune run of two tiny trials, then postprocessing of its best checkpoint."""
+
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
-
+import torch
 from conftest import REPO_ROOT
+
+from example.retrieve import retrieve
 from main import run_experiment
+from postprocessing.xmodal_retrieval import evaluate
 from utils.config import validate, with_overrides
 
 
 @pytest.mark.slow
 def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, tmp_path):
-    raw = with_overrides(tiny_raw, {
-        "param_conf.num_epochs": 2,
-        "ray_conf.num_to_keep": 1,
-        "ray_conf.search_space": {"optimizer.lr": {"grid": [0.003, 0.0001]}},
-    })
+    raw = with_overrides(
+        tiny_raw,
+        {
+            "param_conf.num_epochs": 2,
+            "ray_conf.num_to_keep": 1,
+            "ray_conf.search_space": {"optimizer.lr": {"grid": [0.003, 0.0001]}},
+        },
+    )
     experiment = run_experiment(validate(raw), raw)
 
     best = json.loads((experiment / "best.json").read_text())
@@ -36,8 +44,19 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
     trial_progress = pd.concat(pd.read_csv(t / "progress.csv") for t in trials)
     assert best["value"] == pytest.approx(trial_progress["val/t2a_mAP@10"].max())
 
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py"), "--best", str(experiment / "best.json")],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py"),
+            "--best",
+            str(experiment / "best.json"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "t2a" in run.stdout and "mAP@10" in run.stdout
     metrics = json.loads((experiment / "retrieval_metrics.json").read_text())
@@ -46,22 +65,50 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
     assert list(submission.columns) == ["caption"] + [f"fname_{k}" for k in range(1, 11)]
     assert len(submission) == 60  # 12 evaluation clips x 5 captions
 
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py"), "--best", str(experiment / "best.json"), "--untrained"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    untrained = json.loads((experiment / "retrieval_metrics_untrained.json").read_text())
-    assert untrained["untrained"] and untrained["t2a"] != metrics["t2a"]
+    # the same step as a function with real parameters, and as a module with another device
+    untrained = evaluate(Path(best["model"]), experiment, untrained=True, device="cpu")
+    assert json.loads((experiment / "retrieval_metrics_untrained.json").read_text())["t2a"] == untrained["t2a"]
+    assert untrained["t2a"] != metrics["t2a"]
+    if not torch.cuda.is_available():
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "postprocessing.xmodal_scores",
+                "--best",
+                str(experiment / "best.json"),
+                "--device",
+                "cuda",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO_ROOT,
+        )
+        assert run.returncode == 1 and run.stderr.strip() == (
+            "error: device: 'cuda' was requested but no CUDA GPU is visible to this process; use cpu or auto"
+        )
+
+    scores = retrieve(
+        Path(best["model"]), [REPO_ROOT / "example" / "example.wav"], ["three high beeps"], "validation", 3, "cpu"
+    )
+    assert scores.shape == (1 + 12, 1 + 60)  # the query file and caption, then the validation clips and captions
 
 
 def test_every_config_search_kind_maps_to_a_ray_domain():
-    from main import TUNE_DOMAINS, search_space_to_tune
+    from main import search_space_to_tune
     from utils.config import SEARCH_SPACE_KINDS
 
-    assert set(TUNE_DOMAINS) == set(SEARCH_SPACE_KINDS)
-    space = search_space_to_tune({
-        "a": {"choice": [1, 2]}, "b": {"grid": [1, 2]}, "c": {"uniform": [0, 1]},
-        "d": {"loguniform": [1e-4, 1e-2]}, "e": {"randint": [1, 5]}, "f": {"quniform": [0, 1, 0.25]},
-    })
-    assert space["b"] == {"grid_search": [1, 2]}
-    assert 1e-4 <= space["d"].sample() <= 1e-2 and 1 <= space["e"].sample() < 5
+    specs = {
+        "a": {"choice": [1, 2]},
+        "b": {"grid": [1, 2]},
+        "c": {"uniform": [0, 1]},
+        "d": {"loguniform": [1e-4, 1e-2]},
+        "e": {"randint": [1, 5]},
+        "f": {"quniform": [0, 1, 0.25]},
+    }
+    assert {kind for spec in specs.values() for kind in spec} == set(SEARCH_SPACE_KINDS)  # the one list, all covered
+    space = search_space_to_tune(specs)
+    assert space["a"].sample() in (1, 2) and space["b"] == {"grid_search": [1, 2]}
+    assert 0 <= space["c"].sample() <= 1 and 1e-4 <= space["d"].sample() <= 1e-2 and 1 <= space["e"].sample() < 5
     assert space["f"].sample() in (0, 0.25, 0.5, 0.75, 1.0)

@@ -1,4 +1,5 @@
 """The tuning service under stress: early stopping, crashed trials, interrupted experiments, clusters."""
+
 import json
 import os
 import shutil
@@ -14,9 +15,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT, TINY_OVERRIDES
 from ray import tune
 
-from conftest import REPO_ROOT, TINY_OVERRIDES
 from main import run_experiment
 from utils.config import validate, with_overrides
 
@@ -32,17 +33,25 @@ def epochs(trial: Path) -> list[int]:
 
 
 def test_asha_stops_weak_trials_of_a_two_parameter_search(tiny_raw, ray_session):
-    raw = with_overrides(tiny_raw, {
-        "param_conf.num_epochs": 4,
-        "ray_conf.max_concurrent_trials": 1,  # sequential, so every later trial meets a recorded rung
-        "ray_conf.scheduler": {"name": "ASHA", "grace_period": 1, "reduction_factor": 2},
-        "ray_conf.search_space": {"optimizer.lr": {"grid": [0.01, 1e-9]}, "criterion.temperature": {"grid": [0.05, 0.1]}},
-    })
+    raw = with_overrides(
+        tiny_raw,
+        {
+            "param_conf.num_epochs": 4,
+            "ray_conf.max_concurrent_trials": 1,  # sequential, so every later trial meets a recorded rung
+            "ray_conf.scheduler": {"name": "ASHA", "grace_period": 1, "reduction_factor": 2},
+            "ray_conf.search_space": {
+                "optimizer.lr": {"grid": [0.01, 1e-9]},
+                "criterion.temperature": {"grid": [0.05, 0.1]},
+            },
+        },
+    )
     experiment = run_experiment(validate(raw), raw)
     table = pd.read_csv(experiment / "results.csv")
     assert len(table) == 4
     stopped = table[table["epochs_run"] < 4]
-    assert len(stopped) >= 1, table[["param/optimizer.lr", "param/criterion.temperature", "epochs_run", "val/t2a_mAP@10"]]
+    assert len(stopped) >= 1, table[
+        ["param/optimizer.lr", "param/criterion.temperature", "epochs_run", "val/t2a_mAP@10"]
+    ]
     assert table.iloc[0]["param/optimizer.lr"] == 0.01  # the best trial is a learning one
     assert (table.loc[table["param/optimizer.lr"] == 0.01, "epochs_run"] == 4).any()
 
@@ -75,8 +84,14 @@ def test_killed_trial_resumes_from_its_checkpoint(tiny_raw, ray_session):
 
 def run_main(*args, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "main.py"), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def overrides(raw_dataset: Path, storage: Path, *extra: str) -> list[str]:
@@ -85,8 +100,13 @@ def overrides(raw_dataset: Path, storage: Path, *extra: str) -> list[str]:
 
 def test_interrupted_experiment_is_completed_by_resume(tiny_dataset, tmp_path):
     storage = tmp_path / "runs"
-    args = overrides(tiny_dataset, storage, "param_conf.num_epochs=2", "ray_conf.max_concurrent_trials=1",
-                     "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.001]}}")
+    args = overrides(
+        tiny_dataset,
+        storage,
+        "param_conf.num_epochs=2",
+        "ray_conf.max_concurrent_trials=1",
+        "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.001]}}",
+    )
     proc = run_main(*args)
     deadline = time.time() + 240
     first = None
@@ -124,8 +144,21 @@ def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
     head_log = tmp_path / "head.log"
     short_tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay under 107 bytes
     with head_log.open("w") as log_file:
-        head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                                 "--disable-usage-stats", f"--temp-dir={short_tmp}"], stdout=log_file, stderr=subprocess.STDOUT)
+        head = subprocess.Popen(
+            [
+                str(ray_cli),
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={short_tmp}",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 120
         while "Ray runtime started" not in head_log.read_text():
@@ -134,7 +167,9 @@ def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
         proc = run_main("--address", f"127.0.0.1:{port}", *overrides(tiny_dataset, tmp_path / "runs"))
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output[-3000:]
-        assert "Connecting to existing Ray cluster at address: " in output and f":{port}..." in output  # joined, did not start its own
+        assert (
+            "Connecting to existing Ray cluster at address: " in output and f":{port}..." in output
+        )  # joined, did not start its own
         assert len(list((tmp_path / "runs").glob("*/best.json"))) == 1
     finally:
         head.send_signal(signal.SIGTERM)
@@ -143,13 +178,25 @@ def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
 
 
 def test_population_based_training_exploits_and_perturbs(tiny_raw, ray_session):
-    raw = with_overrides(tiny_raw, {
-        "param_conf.num_epochs": 3,
-        "ray_conf.num_samples": 2,
-        "ray_conf.num_to_keep": 3,
-        "ray_conf.scheduler": {"name": "PBT", "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.5, "synch": True,
-                               "hyperparam_mutations": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "criterion.temperature": {"uniform": [0.05, 0.2]}}},
-    })
+    raw = with_overrides(
+        tiny_raw,
+        {
+            "param_conf.num_epochs": 3,
+            "ray_conf.num_samples": 2,
+            "ray_conf.num_to_keep": 3,
+            "ray_conf.scheduler": {
+                "name": "PBT",
+                "perturbation_interval": 1,
+                "quantile_fraction": 0.5,
+                "resample_probability": 0.5,
+                "synch": True,
+                "hyperparam_mutations": {
+                    "optimizer.lr": {"loguniform": [1e-4, 1e-2]},
+                    "criterion.temperature": {"uniform": [0.05, 0.2]},
+                },
+            },
+        },
+    )
     experiment = run_experiment(validate(raw), raw)
     assert all(epochs(t)[-1] == 3 for t in trial_folders(experiment))
     policy = (experiment / "pbt_global.txt").read_text().strip().splitlines()
@@ -159,11 +206,17 @@ def test_population_based_training_exploits_and_perturbs(tiny_raw, ray_session):
 
 
 def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):
-    raw = with_overrides(tiny_raw, {
-        "ray_conf.search_alg": "optuna",
-        "ray_conf.num_samples": 2,
-        "ray_conf.search_space": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "model.embed_dim": {"choice": [8, 16]}},
-    })
+    raw = with_overrides(
+        tiny_raw,
+        {
+            "ray_conf.search_alg": "optuna",
+            "ray_conf.num_samples": 2,
+            "ray_conf.search_space": {
+                "optimizer.lr": {"loguniform": [1e-4, 1e-2]},
+                "model.embed_dim": {"choice": [8, 16]},
+            },
+        },
+    )
     experiment = run_experiment(validate(raw), raw)
     table = pd.read_csv(experiment / "results.csv")
     assert len(table) == 2 and table["param/model.embed_dim"].isin([8, 16]).all()
@@ -172,7 +225,9 @@ def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):
 
 
 def test_data_parallel_trial_with_two_workers(tiny_raw, ray_session):
-    raw = with_overrides(tiny_raw, {"param_conf.num_epochs": 2, "ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 0.9})
+    raw = with_overrides(
+        tiny_raw, {"param_conf.num_epochs": 2, "ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 0.9}
+    )
     experiment = run_experiment(validate(raw), raw)
     best = json.loads((experiment / "best.json").read_text())
     assert "_data_parallel" in best["checkpoint"] and (experiment / "best" / "model.safetensors").is_file()
@@ -194,7 +249,10 @@ def test_trial_larger_than_the_cluster_is_refused(tiny_raw, ray_session):
 
 def test_plateau_stopper_ends_a_flat_trial(tiny_raw, ray_session):
     # std=1 is wider than any mAP change, so the trial counts as flat once it has 2 results.
-    raw = with_overrides(tiny_raw, {"param_conf.num_epochs": 4, "ray_conf.plateau_stopper": {"std": 1.0, "num_results": 2, "grace_period": 2}})
+    raw = with_overrides(
+        tiny_raw,
+        {"param_conf.num_epochs": 4, "ray_conf.plateau_stopper": {"std": 1.0, "num_results": 2, "grace_period": 2}},
+    )
     experiment = run_experiment(validate(raw), raw)
     (trial,) = trial_folders(experiment)
     assert epochs(trial) == [1, 2]
@@ -205,7 +263,9 @@ def test_a_trial_whose_loss_turns_nan_fails_alone_with_its_reason(tiny_raw, tiny
     shutil.copytree(tiny_dataset, poisoned)
     with h5py.File(poisoned / "development_logmel.h5", "r+") as f:
         f["logmel"][:5] = np.nan  # what preprocessing refuses to write, as if a file were corrupted later
-    raw = with_overrides(tiny_raw, {"ray_conf.search_space": {"data.dataset_dir": {"grid": [str(tiny_dataset), str(poisoned)]}}})
+    raw = with_overrides(
+        tiny_raw, {"ray_conf.search_space": {"data.dataset_dir": {"grid": [str(tiny_dataset), str(poisoned)]}}}
+    )
     experiment = run_experiment(validate(raw), raw)
     table = pd.read_csv(experiment / "results.csv").set_index("param/data.dataset_dir")
     assert table.loc[str(poisoned), "status"] == "ERROR" and table.loc[str(tiny_dataset), "status"] == "TERMINATED"

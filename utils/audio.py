@@ -1,9 +1,10 @@
-"""Audio decoding and log-mel features, shared by preprocessing and ``example/``.
+"""Audio decoding and log-mel features (``FeatureConfig``), shared by preprocessing and ``example/``.
 
 Every way a file can be unusable (not audio, no samples, cut short, absurdly long, NaN
 samples, shorter than one analysis window) is an ``AudioError`` naming the file, so
 preprocessing can skip it with a reason instead of crashing or training on garbage.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,9 @@ from pathlib import Path
 import librosa
 import numpy as np
 import soundfile as sf
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from utils.config import FeatureConfig
+from models.registry import StrictModel
 from utils.errors import AudioError
 
 LOG_OFFSET = 1e-8  # keeps log() finite on digital silence
@@ -26,6 +28,29 @@ TRUNCATED_SHARE = 0.99
 WAV_DATA_CUT = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
 SAMPLE_RATE_RANGE = (1000, 384000)
 LIBSNDFILE_PREFIX = re.compile(r"^Error opening .*?: ")  # it repeats the path we already name
+
+
+class FeatureConfig(StrictModel):
+    """The ``features`` section: log-mel analysis. The DCASE baseline used 40 ms windows, 20 ms hops
+    and 64 mel bands; the sample rate has no default because it belongs to the dataset."""
+
+    sample_rate: int = Field(ge=SAMPLE_RATE_RANGE[0], le=SAMPLE_RATE_RANGE[1])
+    window_ms: PositiveFloat = 40.0
+    hop_ms: PositiveFloat = 20.0
+    n_mels: PositiveInt = 64
+    fmin: float = Field(0.0, ge=0)
+    fmax: PositiveFloat | None = None  # None: half the sample rate
+    max_seconds: PositiveFloat = 600.0  # longer files are skipped: this trains on clips (Clotho: 15-30 s)
+
+    @model_validator(mode="after")
+    def _band_is_inside_the_spectrum(self) -> FeatureConfig:
+        top = self.fmax if self.fmax is not None else self.sample_rate / 2
+        if not self.fmin < top <= self.sample_rate / 2:
+            raise ValueError(
+                f"need fmin < fmax <= sample_rate / 2, "
+                f"got fmin {self.fmin:g}, fmax {top:g}, sample_rate {self.sample_rate}"
+            )
+        return self
 
 
 def open_audio(path: str | Path) -> sf.SoundFile:
@@ -62,7 +87,9 @@ def load_audio(path: str | Path, sample_rate: int, max_seconds: float = float("i
     with open_audio(path) as f:
         if f.frames / f.samplerate > max_seconds:
             # checked before decoding: a corrupt header can claim hours and exhaust memory
-            raise AudioError(f"{path}: {f.frames / f.samplerate:.0f} s is longer than features.max_seconds={max_seconds:g}")
+            raise AudioError(
+                f"{path}: {f.frames / f.samplerate:.0f} s is longer than features.max_seconds={max_seconds:g}"
+            )
         try:
             wave = f.read(dtype="float32", always_2d=True)  # (samples, channels)
         except Exception as err:
@@ -83,14 +110,24 @@ def logmel(wave: np.ndarray, features: FeatureConfig, name: str = "audio") -> np
     win = round(features.sample_rate * features.window_ms / 1000)
     hop = round(features.sample_rate * features.hop_ms / 1000)
     if wave.shape[0] < win:
-        raise AudioError(f"{name}: {wave.shape[0]} samples is shorter than one {features.window_ms:g} ms analysis window")
+        raise AudioError(
+            f"{name}: {wave.shape[0]} samples is shorter than one {features.window_ms:g} ms analysis window"
+        )
     if not np.isfinite(wave).all():
         raise AudioError(f"{name}: samples contain NaN or inf")
     n_fft = 1 << (win - 1).bit_length()  # next power of two >= window
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below, with the file's name
         mel = librosa.feature.melspectrogram(
-            y=wave, sr=features.sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=features.n_mels,
-            fmin=features.fmin, fmax=features.fmax, center=True, power=2.0,
+            y=wave,
+            sr=features.sample_rate,
+            n_fft=n_fft,
+            win_length=win,
+            hop_length=hop,
+            n_mels=features.n_mels,
+            fmin=features.fmin,
+            fmax=features.fmax,
+            center=True,
+            power=2.0,
         )  # (n_mels, frames)
         features_out = np.log(mel + LOG_OFFSET).T.astype(np.float32)
     if not np.isfinite(features_out).all():  # e.g. float samples so large that their power overflows

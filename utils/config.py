@@ -1,83 +1,94 @@
 """Typed experiment configuration: ``conf.yaml`` + dotted overrides -> validated ``Config``.
 
 Every section forbids unknown keys, so a typo fails at load time with its dotted path,
-whether it comes from the YAML file, the command line or a Ray Tune search space.
+whether it comes from the YAML file, the command line or a Ray Tune search space. The
+sections of components (encoders, losses, features, text embeddings) are those components'
+own ``Config`` classes: each default and constraint is written once, beside the code that
+uses it. A key without a default (``embed_dim``, ``num_epochs``, ...) is the experiment's
+choice, and ``conf.yaml`` is where it is made.
 """
+
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from models import AUDIO_ENCODERS, TEXT_ENCODERS
+from models.dual_encoder import DualEncoderModel
+from models.losses import LOSSES
+from models.registry import StrictModel
+from utils.audio import FeatureConfig
 from utils.errors import ConfigError
-from utils.losses import LOSSES
-from utils.strict_model import StrictModel
+from utils.text import TextEmbeddingConfig
 
-# Search-space spec kinds accepted in ``ray_conf.search_space`` (see ``search_space_samples``).
-SEARCH_SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+
+class SearchKind(NamedTuple):
+    """One kind of ``ray_conf.search_space`` spec: the Ray Tune function it becomes and how many
+    numbers it takes (``None``: a list of values)."""
+
+    tune_function: str
+    n_numbers: int | None
+
+
+# The one list of search-space kinds: validated here, turned into Ray Tune domains by main.py.
+SEARCH_SPACE_KINDS = {
+    "choice": SearchKind("choice", None),
+    "grid": SearchKind("grid_search", None),
+    "uniform": SearchKind("uniform", 2),
+    "loguniform": SearchKind("loguniform", 2),
+    "randint": SearchKind("randint", 2),
+    "quniform": SearchKind("quniform", 3),
+}
 
 
 class DataConfig(StrictModel):
+    """The ``data`` section: a Clotho-layout dataset folder and its split names."""
+
     dataset_dir: Path
     train_split: str = "development"
-    val_split: str = "validation"
-    eval_split: str = "evaluation"
-
-
-class FeatureConfig(StrictModel):
-    """Log-mel analysis; the DCASE baseline used 40 ms windows, 20 ms hops and 64 mel bands."""
-
-    sample_rate: int = Field(44100, gt=0)
-    window_ms: float = Field(40.0, gt=0)
-    hop_ms: float = Field(20.0, gt=0)
-    n_mels: int = Field(64, gt=0)
-    fmin: float = Field(0.0, ge=0)
-    fmax: float | None = None
-    max_seconds: float = Field(600.0, gt=0)  # longer files are skipped: this trains on clips (Clotho: 15-30 s)
-
-
-class TextEmbeddingConfig(StrictModel):
-    """Sentence-BERT model used to precompute caption embeddings (hub name or local folder)."""
-
-    model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
-    batch_size: int = Field(128, gt=0)
-
-
-class ModelConfig(StrictModel):
-    name: Literal["DualEncoderModel"] = "DualEncoderModel"
-    embed_dim: int = Field(256, gt=0)
-    audio_enc: AUDIO_ENCODERS.config_union()
-    text_enc: TEXT_ENCODERS.config_union()
+    val_split: str = "validation"  # trials are selected on this split
+    eval_split: str = "evaluation"  # only post-processing reads it
 
 
 class OptimizerConfig(StrictModel):
+    """The ``optimizer`` section: a ``torch.optim`` optimizer over the trainable parameters."""
+
     name: Literal["Adam", "AdamW"] = "Adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
 
 
 class LRSchedulerConfig(StrictModel):
-    """``torch.optim.lr_scheduler.ReduceLROnPlateau`` stepped on the validation loss each epoch."""
+    """``torch.optim.lr_scheduler.ReduceLROnPlateau`` stepped on the validation loss each epoch
+    (the DCASE 2023 baseline's settings)."""
 
     name: Literal["ReduceLROnPlateau"] = "ReduceLROnPlateau"
     mode: Literal["min", "max"] = "min"
     factor: float = Field(0.1, gt=0, lt=1)
-    patience: int = Field(5, ge=0)
-    threshold: float = Field(0.005, ge=0)
+    patience: NonNegativeInt = 5
+    threshold: NonNegativeFloat = 0.005
     threshold_mode: Literal["rel", "abs"] = "abs"
-    min_lr: float = Field(1e-6, ge=0)
+    min_lr: NonNegativeFloat = 1e-6
 
 
 class ParamConfig(StrictModel):
     """Per-trial training parameters (``param_conf`` in the DCASE baseline)."""
 
-    num_epochs: int = Field(50, gt=0)
-    batch_size: int = Field(32, gt=1)
-    num_workers: int = Field(0, ge=0)
+    num_epochs: PositiveInt  # no default: how long to train is each experiment's choice
+    batch_size: int = Field(32, gt=1)  # InfoNCE needs at least one negative
+    num_workers: NonNegativeInt = 0
 
 
 SearchSpace = dict[str, dict[str, list[Any]]]  # dotted config path -> {kind: arguments}
@@ -93,51 +104,57 @@ class ASHASchedulerConfig(StrictModel):
     """Asynchronous successive halving: stop trials that trail their peers at epoch milestones."""
 
     name: Literal["ASHA"] = "ASHA"
-    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    grace_period: PositiveInt = 1  # epochs every trial runs before it can be stopped
     reduction_factor: float = Field(2.0, gt=1)
-    brackets: int = Field(1, ge=1)
+    brackets: PositiveInt = 1
 
 
 class PBTSchedulerConfig(StrictModel):
     """Population based training: weak trials copy a strong trial's checkpoint and perturb its values."""
 
     name: Literal["PBT"] = "PBT"
-    perturbation_interval: int = Field(2, ge=1)  # epochs between exploit/explore steps
-    burn_in_period: int = Field(0, ge=0)
+    perturbation_interval: PositiveInt = 2  # epochs between exploit/explore steps
+    burn_in_period: NonNegativeInt = 0
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
     synch: bool = False  # wait for the whole population at each perturbation (reproducible, slower)
     hyperparam_mutations: SearchSpace = Field(min_length=1)
 
 
+TrialSchedulerConfig = Annotated[
+    Union[FIFOSchedulerConfig, ASHASchedulerConfig, PBTSchedulerConfig],  # noqa: UP007 (pydantic discriminated union)
+    Field(discriminator="name"),
+]
+
+
 class PlateauStopperConfig(StrictModel):
     """Stop a trial once the selection metric's last ``num_results`` values vary by less than ``std``."""
 
-    std: float = Field(0.005, gt=0)
+    std: PositiveFloat = 0.005
     num_results: int = Field(3, ge=2)
-    grace_period: int = Field(3, ge=1)
+    grace_period: PositiveInt = 3
 
 
 class RayConfig(StrictModel):
     """How Ray Tune runs the trials; only ``main.py`` reads this section."""
 
     storage_path: str  # absolute folder or a cloud URI (s3://, gs://)
-    num_samples: int = Field(1, gt=0)
+    num_samples: PositiveInt = 1
     metric: str = "val/t2a_mAP@10"
     mode: Literal["min", "max"] = "max"
-    cpus_per_trial: float = Field(1.0, gt=0)  # per data-parallel worker when workers_per_trial > 1
-    gpus_per_trial: float = Field(0.0, ge=0)  # likewise; fractions let trials share a GPU
-    workers_per_trial: int = Field(1, ge=1)  # > 1: data-parallel training with Ray Train inside each trial
-    max_concurrent_trials: int | None = Field(None, gt=0)
-    num_to_keep: int = Field(2, ge=1)
+    cpus_per_trial: PositiveFloat = 1.0  # per data-parallel worker when workers_per_trial > 1
+    gpus_per_trial: NonNegativeFloat = 0.0  # likewise; fractions let trials share a GPU
+    workers_per_trial: PositiveInt = 1  # > 1: data-parallel training with Ray Train inside each trial
+    max_concurrent_trials: PositiveInt | None = None
+    num_to_keep: PositiveInt = 2
     include_dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     verbose: int = Field(1, ge=0, le=3)
-    max_failures: int = Field(1, ge=0)  # retries of a crashed trial, each from its latest checkpoint
+    max_failures: NonNegativeInt = 1  # retries of a crashed trial, each from its latest checkpoint
     search_alg: Literal["random", "optuna"] = "random"  # random/grid sampling, or Optuna's TPE
-    scheduler: Annotated[Union[FIFOSchedulerConfig, ASHASchedulerConfig, PBTSchedulerConfig], Field(discriminator="name")] = FIFOSchedulerConfig()
+    scheduler: TrialSchedulerConfig  # no default: how trials are stopped is each experiment's choice
     plateau_stopper: PlateauStopperConfig | None = None
-    search_space: SearchSpace = {}
+    search_space: SearchSpace  # no default: what to search is each experiment's choice ({} runs one trial)
 
     @field_validator("metric")
     @classmethod
@@ -148,42 +165,49 @@ class RayConfig(StrictModel):
         return metric
 
     @model_validator(mode="after")
-    def _pbt_keeps_enough_checkpoints(self) -> "RayConfig":
+    def _pbt_keeps_enough_checkpoints(self) -> RayConfig:
         # PBT clones other trials' checkpoints; with only 1-2 kept per trial they can be deleted before the clone.
         if self.scheduler.name == "PBT" and self.num_to_keep < 3:
-            raise ValueError(f"scheduler PBT needs num_to_keep >= 3 so the checkpoints it clones still exist, got {self.num_to_keep}")
+            raise ValueError(
+                f"scheduler PBT needs num_to_keep >= 3 so the checkpoints it clones still exist, got {self.num_to_keep}"
+            )
         return self
 
     @model_validator(mode="after")
-    def _optuna_cannot_grid(self) -> "RayConfig":
+    def _optuna_cannot_grid(self) -> RayConfig:
         if self.search_alg == "optuna":
             grids = [path for path, spec in self.search_space.items() if "grid" in spec]
             if grids:
-                raise ValueError(f"search_alg 'optuna' cannot run grid searches ({', '.join(grids)}): use choice instead")
+                raise ValueError(
+                    f"search_alg 'optuna' cannot run grid searches ({', '.join(grids)}): use choice instead"
+                )
         return self
 
 
 class Config(StrictModel):
     """The whole resolved experiment configuration, saved inside every checkpoint."""
 
-    experiment: str = "audio-retrieval"
+    experiment: str  # no default: the name of each experiment's folders
     seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the only place the device is chosen
     data: DataConfig
-    features: FeatureConfig = FeatureConfig()
+    features: FeatureConfig
     text_embeddings: TextEmbeddingConfig = TextEmbeddingConfig()
-    model: ModelConfig
+    model: DualEncoderModel.Config
     criterion: LOSSES.config_union()
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_scheduler: LRSchedulerConfig = LRSchedulerConfig()
-    param_conf: ParamConfig = ParamConfig()
+    param_conf: ParamConfig
     ray_conf: RayConfig
 
     @model_validator(mode="after")
-    def _batch_splits_over_workers(self) -> "Config":
+    def _batch_splits_over_workers(self) -> Config:
         workers = self.ray_conf.workers_per_trial
         if self.param_conf.batch_size % workers or self.param_conf.batch_size // workers < 1:
-            raise ValueError(f"param_conf.batch_size {self.param_conf.batch_size} must split evenly over ray_conf.workers_per_trial={workers}")
+            raise ValueError(
+                f"param_conf.batch_size {self.param_conf.batch_size} must split evenly over "
+                f"ray_conf.workers_per_trial={workers}"
+            )
         return self
 
 
@@ -218,7 +242,9 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"config key {'.'.join(parents[: i + 1])!r} is a value, not a section: cannot set {dotted!r}")
+            raise ConfigError(
+                f"config key {'.'.join(parents[: i + 1])!r} is a value, not a section: cannot set {dotted!r}"
+            )
         node = child
     node[leaf] = value
 
@@ -230,6 +256,27 @@ def _get_path(raw: dict[str, Any], dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def key_path(loc: tuple[str | int, ...], raw: Any) -> str:
+    """A pydantic error location as the dotted key a user wrote.
+
+    For a section chosen by its ``name`` (a discriminated union) pydantic puts the name in the
+    location (``model.audio_enc.SmallCNNEncoder.chanels``); no such key exists in the file, so
+    it is dropped (``model.audio_enc.chanels``).
+    """
+    keys, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("name") == part:
+            continue
+        keys.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return ".".join(keys)
 
 
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +294,7 @@ def validate(raw: dict[str, Any]) -> Config:
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            path = ".".join(str(p) for p in e["loc"])
+            path = key_path(e["loc"], raw)
             got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") else ""
             lines.append(f"{path}: {e['msg']}{got}")
         raise ConfigError("invalid config: " + "; ".join(lines)) from None
@@ -261,20 +308,24 @@ def search_space_samples(path: str, spec: dict[str, list[Any]], where: str = "ra
     """
     if len(spec) != 1:
         raise ConfigError(f"{where}.{path}: give exactly one of {', '.join(SEARCH_SPACE_KINDS)}, got {sorted(spec)}")
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind not in SEARCH_SPACE_KINDS:
         raise ConfigError(f"{where}.{path}: unknown kind {kind!r}; valid kinds: {', '.join(SEARCH_SPACE_KINDS)}")
-    if kind in ("choice", "grid"):
-        if not args:
-            raise ConfigError(f"{where}.{path}.{kind}: needs at least one value")
+    n_numbers = SEARCH_SPACE_KINDS[kind].n_numbers
+    if n_numbers is None:
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}.{path}.{kind}: needs a list of at least one value")
         return list(args)
-    n_args = 3 if kind == "quniform" else 2
-    if len(args) != n_args or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-        raise ConfigError(f"{where}.{path}.{kind}: needs {n_args} numbers, got {args!r}")
+    if not isinstance(args, list) or len(args) != n_numbers or not all(_is_number(a) for a in args):
+        raise ConfigError(f"{where}.{path}.{kind}: needs {n_numbers} numbers, got {args!r}")
     low, high = args[0], args[1]
     if not low < high or (kind == "loguniform" and low <= 0):
         raise ConfigError(f"{where}.{path}.{kind}: bounds {args[:2]!r} are not a valid range")
     return [low, high - 1] if kind == "randint" else [low, high]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate_search_space(raw: dict[str, Any], search_space: SearchSpace, where: str = "ray_conf.search_space") -> None:
@@ -319,5 +370,7 @@ def load_config(config_path: str | Path, overrides: list[str] | None = None) -> 
     config = validate(raw)
     validate_search_space(raw, config.ray_conf.search_space)
     if isinstance(config.ray_conf.scheduler, PBTSchedulerConfig):
-        validate_search_space(raw, config.ray_conf.scheduler.hyperparam_mutations, "ray_conf.scheduler.hyperparam_mutations")
+        validate_search_space(
+            raw, config.ray_conf.scheduler.hyperparam_mutations, "ray_conf.scheduler.hyperparam_mutations"
+        )
     return config, raw

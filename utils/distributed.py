@@ -1,4 +1,5 @@
 """Data-parallel helpers built on ``torch.distributed`` alone (the process group is set up by the caller)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,9 @@ def world() -> tuple[int, int]:
     return 1, 0
 
 
-def gather_batch(audio: torch.Tensor, text: torch.Tensor, audio_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_batch(
+    audio: torch.Tensor, text: torch.Tensor, audio_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate every worker's ``(B, E)`` embeddings and ``(B,)`` clip ids into the global batch.
 
     The embeddings keep their autograd graph: the backward of the gather sums, over workers,

@@ -1,14 +1,10 @@
 """Errors that mean "this input is wrong", not "this code is wrong".
 
 Each message names the file, row or key at fault and what to do, so the scripts print it as
-one ``error:`` line instead of a traceback (``exit_on_input_error``).
+one ``error:`` line instead of a traceback (``utils.cli.exit_on_input_error``).
 """
-from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from __future__ import annotations
 
 
 class InputError(ValueError):
@@ -29,17 +25,3 @@ class AudioError(DatasetError):
 
 class CheckpointError(InputError):
     """Weights that do not fit the model they are loaded into, or a file that holds no weights."""
-
-
-@contextmanager
-def exit_on_input_error() -> Iterator[None]:
-    """For command-line scripts: bad input or a file that cannot be read or written ends the process
-    with a one-line ``error: ...`` (exit status 1), Ctrl-C with ``interrupted`` (130); real bugs
-    keep their traceback."""
-    try:
-        yield
-    except (InputError, OSError) as err:  # OSError: missing, unreadable or unwritable files, full disks
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        logging.getLogger(__name__).warning("interrupted")
-        sys.exit(130)

@@ -1,11 +1,12 @@
 """Finding finished experiments: the ``best.json`` that ``main.py`` writes into each experiment folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from utils.config import load_raw, validate
-from utils.data import read_json
+from utils.stores import read_json
 
 BEST_FILE = "best.json"
 
@@ -29,8 +30,11 @@ def read_best(path: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def best_model(best_file: Path | None, config_path: Path) -> tuple[Path, Path]:
-    """``(model export folder, experiment folder)`` named by ``best_file``, else by the latest
-    experiment under the ``ray_conf.storage_path`` of ``config_path``."""
+def find_model(checkpoint: Path | None, best_file: Path | None, config_path: Path) -> tuple[Path, Path]:
+    """``(checkpoint or model export folder, the folder it belongs to)`` for the scripts that use a trained model:
+    ``checkpoint`` as given, else the model that ``best_file`` names, else that of the latest experiment under the
+    ``ray_conf.storage_path`` of ``config_path``. Outputs about the model go to the folder it belongs to."""
+    if checkpoint is not None:
+        return checkpoint, checkpoint if checkpoint.is_dir() else checkpoint.parent
     best_file = best_file or latest_best_file(validate(load_raw(config_path)).ray_conf.storage_path)
     return Path(read_best(best_file)["model"]), Path(best_file).parent

@@ -1,4 +1,5 @@
 """Cross-modal retrieval metrics with the DCASE Task 6B definitions, vectorised."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,9 @@ def _ranked_metrics(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, f
     return out
 
 
-def retrieval_metrics(scores: np.ndarray | torch.Tensor, caption_audio: np.ndarray | torch.Tensor) -> dict[str, dict[str, float]]:
+def retrieval_metrics(
+    scores: np.ndarray | torch.Tensor, caption_audio: np.ndarray | torch.Tensor
+) -> dict[str, dict[str, float]]:
     """mAP@10 and R@1/5/10 for text-to-audio and audio-to-text retrieval.
 
     ``scores``: ``(n_audio, n_captions)`` similarity, higher is better.
@@ -48,4 +51,6 @@ def retrieval_metrics(scores: np.ndarray | torch.Tensor, caption_audio: np.ndarr
 
 def flatten_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
     """``{"t2a": {"mAP@10": x}}`` -> ``{"<prefix>/t2a_mAP@10": x}`` for logging and Ray Tune."""
-    return {f"{prefix}/{direction}_{name}": value for direction, values in metrics.items() for name, value in values.items()}
+    return {
+        f"{prefix}/{direction}_{name}": value for direction, values in metrics.items() for name, value in values.items()
+    }

@@ -1,4 +1,5 @@
 """Experiment summaries from per-trial metric histories: a results table and a plot (no Ray here)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,15 @@ def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.Data
     """One row per trial: its parameters, status, epochs run and all metrics at its best epoch, best first."""
     rows = []
     for trial in trials:
-        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status, **{f"param/{k}": v for k, v in trial.params.items()}}
+        row: dict[str, Any] = {
+            "trial_id": trial.trial_id,
+            "status": trial.status,
+            **{f"param/{k}": v for k, v in trial.params.items()},
+        }
         if metric in trial.history and trial.history[metric].notna().any():
-            best = trial.history.loc[trial.history[metric].idxmax() if mode == "max" else trial.history[metric].idxmin()]
+            best = trial.history.loc[
+                trial.history[metric].idxmax() if mode == "max" else trial.history[metric].idxmin()
+            ]
             row["epochs_run"] = int(trial.history["epoch"].max())
             row["best_epoch"] = int(best["epoch"])
             row.update({k: best[k] for k in trial.history.columns if k.startswith(("val/", "train/"))})
@@ -45,8 +52,13 @@ def plot_metric(trials: list[TrialHistory], metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for trial in trials:
         if metric in trial.history:
-            label = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in trial.params.items())
-            ax.plot(trial.history["epoch"], trial.history[metric], marker="o", markersize=3, label=label or trial.trial_id)
+            label = ", ".join(
+                f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                for k, v in trial.params.items()
+            )
+            ax.plot(
+                trial.history["epoch"], trial.history[metric], marker="o", markersize=3, label=label or trial.trial_id
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per epoch, {len(trials)} trials")

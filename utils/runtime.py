@@ -1,4 +1,5 @@
 """Process-wide decisions made in one place: random seeds and the compute device."""
+
 from __future__ import annotations
 
 import logging
@@ -6,6 +7,8 @@ import random
 
 import numpy as np
 import torch
+
+from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +25,5 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible to this process")
+        raise ConfigError("device: 'cuda' was requested but no CUDA GPU is visible to this process; use cpu or auto")
     return torch.device(choice)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Console logging for the command-line scripts."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

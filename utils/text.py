@@ -1,11 +1,20 @@
-"""Loading Sentence-BERT models, offline where a package ships the weights."""
+"""Sentence-BERT caption embeddings: their config section, and loading the models (offline where a
+package ships the weights)."""
+
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import logging
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import PositiveInt
+
+from models.registry import StrictModel
+
+if TYPE_CHECKING:
+    import torch
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +25,15 @@ BUNDLED_MODELS = {
 }
 
 
-def load_sentence_model(name: str, device: torch.device):
+class TextEmbeddingConfig(StrictModel):
+    """The ``text_embeddings`` section: the Sentence-BERT model that precomputes caption embeddings
+    (a hub name or a local folder; the DCASE baseline used all-mpnet-base-v2)."""
+
+    model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    batch_size: PositiveInt = 128
+
+
+def load_sentence_model(name: str, device: torch.device) -> SentenceTransformer:
     """A ``SentenceTransformer`` for ``name``: the bundled copy when installed, else the hub or a local folder."""
     from sentence_transformers import SentenceTransformer  # heavy import, only where text is embedded
 

@@ -1,14 +1,15 @@
-"""Contrastive losses for audio-text dual encoders."""
+"""Contrastive losses for audio-text dual encoders, one registry (``criterion.name`` in the config)."""
+
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from utils.registry import Registry
-from utils.strict_model import StrictModel
+from models.registry import Registry, StrictModel, configured
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 
@@ -30,25 +31,23 @@ class LogSoftmaxLoss(nn.Module):
     For anchor pair i the candidates are every row whose audio clip differs from row i's,
     plus row i itself: other captions of the same clip in the batch are not negatives.
     Cross-entropy is taken audio->text and text->audio, summed over anchors, divided by N.
+    Build it from its ``Config`` or keyword fields: ``LogSoftmaxLoss(temperature=0.1)``.
     """
 
     class Config(StrictModel):
         name: Literal["LogSoftmaxLoss"] = "LogSoftmaxLoss"
-        temperature: float = 0.07
+        temperature: float = Field(0.07, gt=0)  # scores are divided by it: 0 would give inf logits
         dist: Distance = "dot_product"
 
-    def __init__(self, temperature: float = 0.07, dist: Distance = "dot_product") -> None:
+    def __init__(self, config: Config | None = None, **fields: object) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
-        self.dist = dist
+        self.config = configured(self.Config, config, fields)
 
     def forward(self, audio_embeds: torch.Tensor, text_embeds: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
         """``audio_embeds``, ``text_embeds``: ``(N, E)`` row-aligned pairs; ``audio_ids``: ``(N,)`` clip of each row."""
         n = audio_embeds.size(0)
         # scores[i, j] = s(audio_i, text_j) / T, shape (N, N)
-        scores = similarity(audio_embeds, text_embeds, self.dist) / self.temperature
+        scores = similarity(audio_embeds, text_embeds, self.config.dist) / self.config.temperature
         eye = torch.eye(n, dtype=torch.bool, device=scores.device)
         # candidates[i, j]: j is a negative of anchor i (different clip) or j is i itself
         candidates = (audio_ids[:, None] != audio_ids[None, :]) | eye

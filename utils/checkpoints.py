@@ -1,0 +1,108 @@
+"""Model files: trial checkpoints, self-contained exports, and the model they rebuild.
+
+A checkpoint (``checkpoint.pt``) holds model, optimizer, scheduler, epoch, metrics and the
+resolved config, and loads with ``weights_only=True``. An export (``main.py`` writes one as
+``<experiment>/best/``) holds the weights as safetensors, the config and the metrics as JSON:
+nothing pickled, and nothing else needed to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from models.dual_encoder import DualEncoderModel, create_model
+from models.weights import load_weights, read_safetensors, read_torch_file
+from utils.config import Config, validate
+from utils.errors import CheckpointError
+from utils.stores import LogmelStore, logmel_file, read_json, text_embed_dim, text_embeds_file
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "epoch", "metrics")
+EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_METRICS = "model.safetensors", "config.json", "metrics.json"
+
+
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: Config,
+    epoch: int,
+    metrics: dict[str, float],
+) -> Path:
+    """Write model, optimizer, scheduler, epoch, metrics and the resolved config to ``folder/checkpoint.pt``."""
+    path = Path(folder) / CHECKPOINT_FILE
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": config.model_dump(mode="json"),
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+    torch.save(state, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file (or folder holding one) safely: tensors and plain containers only."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    state = read_torch_file(path)
+    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+        raise CheckpointError(
+            f"{path}: not a checkpoint written by this project (expected the keys {', '.join(CHECKPOINT_KEYS)})"
+        )
+    return state
+
+
+def export_model(checkpoint: Path, folder: Path) -> Path:
+    """Write a checkpoint's weights (safetensors), resolved config and metrics into ``folder``.
+
+    The export needs nothing else to be loaded (``load_trained_model``), so post-processing does
+    not depend on Ray's trial folders, and it holds no pickled objects at all.
+    """
+    state = load_checkpoint(checkpoint)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(folder / EXPORT_WEIGHTS))
+    (folder / EXPORT_CONFIG).write_text(json.dumps(state["config"], indent=2))
+    (folder / EXPORT_METRICS).write_text(json.dumps({"epoch": state["epoch"], **state["metrics"]}, indent=2))
+    return folder
+
+
+def read_model_config(path: Path) -> Config:
+    """The resolved config stored with a model export folder or a checkpoint."""
+    path = Path(path)
+    if (path / EXPORT_CONFIG).is_file():
+        return validate(read_json(path / EXPORT_CONFIG))
+    return validate(load_checkpoint(path)["config"])
+
+
+def build_model(config: Config, device: torch.device) -> DualEncoderModel:
+    """A freshly initialised model for ``config``, sized by its dataset's stores (mel bands, text width)."""
+    data = config.data
+    n_mels = LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels
+    text_dim = text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split))
+    return create_model(config.model, n_mels=n_mels, text_dim=text_dim).to(device)
+
+
+def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderModel, Config]:
+    """The model of an export folder (``best/``) or a checkpoint, with its stored config and weights,
+    in inference mode."""
+    path = Path(path)
+    config = read_model_config(path)
+    model = build_model(config, device)
+    if (path / EXPORT_WEIGHTS).is_file():
+        weights = read_safetensors(path / EXPORT_WEIGHTS)
+    else:
+        weights = load_checkpoint(path)["model"]
+    load_weights(model, weights, str(path))
+    return model.eval(), config

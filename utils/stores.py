@@ -1,0 +1,221 @@
+"""Dataset layout and the files preprocessing writes: CSV tables and HDF5 stores (no torch here).
+
+A dataset folder follows Clotho's layout, plus the files preprocessing writes::
+
+    <dataset_dir>/{split}/*.wav              audio clips
+    <dataset_dir>/{split}_captions.csv       fname,raw_text,text (any captions per clip)
+    <dataset_dir>/{split}_audio.csv          fid,fname,duration       (clotho_dataset.py)
+    <dataset_dir>/{split}_text.csv           cid,fid,fname,raw_text,text
+    <dataset_dir>/{split}_logmel.h5          log-mels of every clip   (audio_logmel.py)
+    <dataset_dir>/{split}_text_embeds.h5     caption embeddings       (sbert_embeddings.py)
+
+Every file is written under a temporary name and renamed when complete (``atomic_path``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from utils.errors import DatasetError
+
+if TYPE_CHECKING:  # only a type here: importing utils.audio would load the audio libraries
+    from utils.audio import FeatureConfig
+
+CAPTION_COLUMNS = ("fname", "raw_text", "text")
+AUDIO_COLUMNS = ("fid", "fname", "duration")
+TEXT_COLUMNS = ("cid", "fid", "fname", "raw_text", "text")
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS and NTFS
+
+
+def captions_csv(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_captions.csv"
+
+
+def audio_table(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_audio.csv"
+
+
+def text_table(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_text.csv"
+
+
+def logmel_file(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_logmel.h5"
+
+
+def text_embeds_file(dataset_dir: Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_text_embeds.h5"
+
+
+def require_file(path: Path, writer: str) -> Path:
+    """``path`` if it exists; else a ``FileNotFoundError`` naming what writes it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run {writer} first")
+    return Path(path)
+
+
+def dataset_member(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name read from a CSV; ``DatasetError`` unless it is a plain
+    file name, so a CSV can never point outside its dataset folder (``../``, ``/etc/...``)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise DatasetError(f"file name {name!r} must be a plain file name inside {folder}, without folders")
+    if len(name.encode()) > NAME_MAX:
+        raise DatasetError(
+            f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes, which no common filesystem allows"
+        )
+    return Path(folder) / name
+
+
+def read_csv(path: Path, columns: Sequence[str], dtype: Any = None) -> pd.DataFrame:
+    """Read a UTF-8 CSV whose header holds ``columns`` (others are kept); anything else is a
+    ``DatasetError`` naming the file. Empty cells stay empty strings, never NaN."""
+    try:
+        with warnings.catch_warnings():
+            # Without index_col=False a first row longer than the header silently becomes the index;
+            # with it, pandas only warns and drops the extra cells: make that an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(path, index_col=False, keep_default_na=False, dtype=dtype, encoding="utf-8")
+    except (
+        UnicodeDecodeError,
+        pd.errors.ParserError,
+        pd.errors.ParserWarning,
+        pd.errors.EmptyDataError,
+        ValueError,
+    ) as err:
+        raise DatasetError(f"{path}: not a readable UTF-8 CSV ({str(err).strip().splitlines()[0]})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        found = ", ".join(map(str, table.columns[:8]))
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}, found {found}"
+        )
+    return table
+
+
+def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read a table written by preprocessing; a missing file names the script that writes it."""
+    return read_csv(require_file(path, "the preprocessing scripts (see README)"), columns)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file written by this project; a damaged one is a ``DatasetError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``target`` to write to; rename it to ``target`` only when the
+    block completes. The rename is atomic on one filesystem, so readers see the old file or the
+    whole new one, never a half-written file after a crash."""
+    target = Path(target)
+    partial_file = target.with_suffix(target.suffix + ".partial")
+    try:
+        yield partial_file
+        os.replace(partial_file, target)
+    finally:
+        partial_file.unlink(missing_ok=True)
+
+
+def write_csv(table: pd.DataFrame, target: Path) -> None:
+    """Write ``table`` to ``target`` as a CSV, atomically (``atomic_path``)."""
+    with atomic_path(target) as partial_file:
+        table.to_csv(partial_file, index=False)
+
+
+@contextmanager
+def atomic_h5(target: Path) -> Iterator[h5py.File]:
+    """Write an HDF5 file atomically (``atomic_path``): open it, fill it, and it appears whole."""
+    with atomic_path(target) as partial_file, h5py.File(partial_file, "w") as f:
+        yield f
+
+
+def check_split(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
+    """Refuse a split whose stores are out of step with its tables or the config: log-mels made
+    from another clip list (clip ids are positions in the sorted names, so one added file shifts
+    them) or with other ``features``, or caption embeddings missing captions of the table."""
+    store, table = logmel_file(dataset_dir, split), audio_table(dataset_dir, split)
+    audio = read_table(table, AUDIO_COLUMNS)
+    with h5py.File(require_file(store, "preprocessing/audio_logmel.py"), "r") as f:
+        if "source_fname" not in f:
+            raise DatasetError(f"{store}: written by an older audio_logmel.py; rerun it")
+        made_from = dict(zip(f["source_fid"][:].tolist(), f["source_fname"].asstr()[:].tolist()))
+        stored = json.loads(f.attrs["features"])
+    if made_from != dict(zip(audio["fid"].tolist(), audio["fname"].astype(str).tolist())):
+        raise DatasetError(
+            f"{store}: made from another clip list than {table.name}; rerun preprocessing/audio_logmel.py"
+        )
+    wanted = features.model_dump(mode="json")
+    changed = [
+        f"{key} {stored.get(key)!r} in the store, {value!r} in the config"
+        for key, value in wanted.items()
+        if stored.get(key) != value
+    ]
+    if changed:
+        raise DatasetError(
+            f"{store}: made with other features ({'; '.join(changed)}); "
+            "rerun preprocessing/audio_logmel.py with this config"
+        )
+    embeds = text_embeds_file(dataset_dir, split)
+    with h5py.File(require_file(embeds, "preprocessing/sbert_embeddings.py"), "r") as f:
+        embedded = set(f["cid"][:].tolist())
+    missing = sorted(set(read_table(text_table(dataset_dir, split), TEXT_COLUMNS)["cid"].tolist()) - embedded)
+    if missing:
+        raise DatasetError(
+            f"{embeds}: no embedding for caption id(s) {missing[:8]} of {text_table(dataset_dir, split).name}; "
+            "rerun preprocessing/sbert_embeddings.py"
+        )
+
+
+class LogmelStore:
+    """Read access to ``{split}_logmel.h5``: clip ``fid`` -> ``(frames, n_mels)`` float32.
+
+    The file holds all clips concatenated along time (``logmel``), with ``offsets`` (n+1,)
+    marking each clip's rows, so a clip is one contiguous slice read. The HDF5 handle is
+    opened lazily so the store can be sent to DataLoader worker processes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = require_file(path, "preprocessing/audio_logmel.py")
+        with h5py.File(self.path, "r") as f:
+            self.fids = f["fid"][:].astype(np.int64)
+            self.offsets = f["offsets"][:].astype(np.int64)
+            self.n_mels = int(f["logmel"].shape[1])
+        self.row_of = {int(fid): row for row, fid in enumerate(self.fids)}
+        self._file: h5py.File | None = None
+
+    def __len__(self) -> int:
+        return len(self.fids)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+    def __getitem__(self, fid: int) -> np.ndarray:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        row = self.row_of[int(fid)]
+        return self._file["logmel"][self.offsets[row] : self.offsets[row + 1]]
+
+
+def read_text_embeds(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(cids (n,), embeddings (n, dim) float32, model name)`` from ``{split}_text_embeds.h5``."""
+    with h5py.File(require_file(path, "preprocessing/sbert_embeddings.py"), "r") as f:
+        return f["cid"][:].astype(np.int64), f["embedding"][:].astype(np.float32), str(f.attrs["model_name"])
+
+
+def text_embed_dim(path: Path) -> int:
+    """Width of the sentence embeddings in ``{split}_text_embeds.h5``, read without loading them."""
+    with h5py.File(require_file(path, "preprocessing/sbert_embeddings.py"), "r") as f:
+        return int(f["embedding"].shape[1])
