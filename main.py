@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.cli import DEFAULT_CONFIG, exit_on_input_error, setup_logging
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
 from utils.errors import ConfigError
-from utils.experiments import BEST_FILE, latest_experiment_file
+from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.reporting import TrialHistory, plot_metric, results_table
 from utils.stores import check_split, logmel_file, read_json, text_embeds_file
 from utils.training import train
@@ -87,8 +86,8 @@ def main() -> None:
         config, raw = load_config(args.config, args.overrides)
         try:
             if args.resume:
-                experiment = None if args.resume == "latest" else Path(args.resume)
-                resume_experiment(experiment, config.ray_conf.storage_path, args.address)
+                folder = None if args.resume == "latest" else Path(args.resume)
+                resume_experiment(folder, config.ray_conf.storage_path, config.experiment, args.address)
             else:
                 check_before_ray(config, joins_cluster(args.address))
                 run_experiment(config, raw, args.address)
@@ -108,7 +107,7 @@ def run_experiment(
     ray_conf = config.ray_conf
     init_ray(ray_conf, address)
     check_resources(ray_conf, ray.cluster_resources())
-    name = f"{config.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
+    name = new_experiment_name(config.experiment)
     if is_local(ray_conf.storage_path):
         experiment = Path(ray_conf.storage_path) / name
         experiment.mkdir(parents=True)
@@ -122,13 +121,13 @@ def run_experiment(
     return summarise(tuner.fit(), raw, ray_conf)
 
 
-def resume_experiment(path: Path | None, storage_path: str, address: str | None = None) -> Path:
+def resume_experiment(path: Path | None, storage_path: str, experiment: str, address: str | None = None) -> Path:
     """Continue an interrupted experiment: finished trials are kept, unfinished and errored ones
-    continue from their latest checkpoints. ``path`` defaults to the newest experiment."""
+    continue from their latest checkpoints. ``path`` defaults to the newest run of ``experiment``."""
     if path is None:
-        base_config = latest_experiment_file(storage_path, BASE_CONFIG)
+        base_config = latest_experiment_file(storage_path, BASE_CONFIG, experiment)
         if base_config is None:
-            raise ConfigError(f"no experiment to resume under {storage_path}")
+            raise ConfigError(f"no run of experiment {experiment!r} to resume under {storage_path}")
         path = base_config.parent
     path = Path(path).resolve()
     if not (path / BASE_CONFIG).is_file() or not tune.Tuner.can_restore(str(path)):
@@ -151,6 +150,8 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     file), ``device: cuda`` without GPUs for the trials, or (on this machine) a trial bigger than
     the machine. A cluster's size is checked once joined (``check_resources``)."""
     data, ray_conf = config.data, config.ray_conf
+    if not data.dataset_dir.is_dir():
+        raise ConfigError(f"data.dataset_dir: {data.dataset_dir} does not exist or is not a folder")
     for split in (data.train_split, data.val_split):
         for path in (logmel_file(data.dataset_dir, split), text_embeds_file(data.dataset_dir, split)):
             if not path.is_file():
@@ -393,7 +394,7 @@ class ExperimentInterrupted(RuntimeError):
 def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig) -> Path:
     """Write ``best.json``, the ``best/`` model export, ``results.csv`` and ``search.png``; returns their folder."""
     check_all_finished(results)
-    trials = trial_histories(results)
+    trials = trial_histories(results, raw)
     best, checkpoint, metrics = pick_best(results, ray_conf)
     experiment = summary_folder(results, ray_conf)
     model = export_best(checkpoint, experiment / BEST_MODEL_DIR)
@@ -437,16 +438,26 @@ def check_all_finished(results: tune.ResultGrid) -> None:
         )
 
 
-def trial_histories(results: tune.ResultGrid) -> list[TrialHistory]:
-    """Per-trial parameters, status and per-epoch metrics, with a line logged for each failed trial."""
+def trial_histories(results: tune.ResultGrid, raw: dict[str, Any]) -> list[TrialHistory]:
+    """Per-trial parameters, status and per-epoch metrics, with a line logged for each failed trial.
+
+    The status is ``ERROR`` (failed), ``STOPPED`` (ended before its last epoch by the scheduler or the
+    plateau stopper) or ``TERMINATED`` (trained every epoch).
+    """
     trials = []
     for result in results:
+        params = dict(result.config or {})
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        planned = validate(with_overrides(raw, params)).param_conf.num_epochs  # num_epochs may be searched
         if result.error is not None:
             log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1])
-        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        status = "ERROR" if result.error is not None else "TERMINATED"
+            status = "ERROR"
+        elif "epoch" in history and len(history) and history["epoch"].max() < planned:
+            status = "STOPPED"
+        else:
+            status = "TERMINATED"
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        trials.append(TrialHistory(trial_id, dict(result.config or {}), status, history))
+        trials.append(TrialHistory(trial_id, params, status, history))
     return trials
 
 

@@ -56,7 +56,7 @@ def main() -> None:
     if args.top < 1:
         parser.error("--top must be at least 1")
     with exit_on_input_error():
-        model_path, _ = find_model(args.checkpoint, args.best, args.config)
+        model_path, _ = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         retrieve(model_path, args.audio, args.caption, args.gallery, args.top, args.device)
 
 
@@ -69,34 +69,41 @@ def retrieve(
     top: int = 5,
     device: str | None = None,
 ) -> torch.Tensor:
-    """Embed the query files and captions (and the ``gallery`` split), print the best matches both ways
-    and return the ``(n_audio, n_captions)`` cosine scores, queries first, then the gallery."""
+    """Embed the query files and captions (and the ``gallery`` split), print the best matches both ways,
+    each marked ``[query]`` or ``[gallery]``, and return the ``(n_audio, n_captions)`` cosine scores:
+    queries first, then the gallery items that are not queries themselves."""
     model, config = load_trained_model(model_path, torch.device("cpu"))
     target = resolve_device(device or config.device)
     model.to(target)
     batch, lengths = pad_logmels([file_logmel(path, config.features) for path in audio_files])
-    audio_names = [p.name for p in audio_files]
     audio = model.encode_audio(batch.to(target), lengths.to(target))  # (n_files, E)
     sentence_model = load_sentence_model(config.text_embeddings.model_name, target)
-    sentence_embeds = torch.from_numpy(sentence_model.encode(captions, convert_to_numpy=True))
-    texts = list(captions)
-    text = model.encode_text(sentence_embeds.to(target))  # (n_captions, E)
+    embedded = [config.text_embeddings.caption(c) for c in captions]  # the caption column the model was trained on
+    text = model.encode_text(torch.from_numpy(sentence_model.encode(embedded, convert_to_numpy=True)).to(target))
+    audio_names = [(p.name, "query") for p in audio_files]
+    texts = [(c, "query") for c in captions]
     if gallery:
         split = encode_split(model, config.data.dataset_dir, gallery, target)
-        audio, audio_names = torch.cat([audio, split.audio.to(target)]), audio_names + split.fnames
-        text, texts = torch.cat([text, split.text.to(target)]), texts + split.captions
+        queried = {p.resolve() for p in audio_files}
+        folder = (config.data.dataset_dir / gallery).resolve()
+        clips = [i for i, name in enumerate(split.fnames) if folder / name not in queried]
+        lines = [j for j, caption in enumerate(split.captions) if caption not in captions]
+        audio = torch.cat([audio, split.audio[clips].to(target)])
+        text = torch.cat([text, split.text[lines].to(target)])
+        audio_names += [(split.fnames[i], "gallery") for i in clips]
+        texts += [(split.captions[j], "gallery") for j in lines]
     scores = (audio @ text.T).cpu()  # (n_audio, n_captions) cosine similarity
 
     for i, path in enumerate(audio_files):
         print(f"\nCaptions for {path}:")
         values, order = scores[i].topk(min(top, scores.shape[1]))
         for value, j in zip(values, order):
-            print(f"  {value:+.3f}  {texts[j]}")
+            print(f"  {value:+.3f}  [{texts[j][1]}]  {texts[j][0]}")
     for j, caption in enumerate(captions):
         print(f"\nClips for {caption!r}:")
         values, order = scores[:, j].topk(min(top, scores.shape[0]))
         for value, i in zip(values, order):
-            print(f"  {value:+.3f}  {audio_names[i]}")
+            print(f"  {value:+.3f}  [{audio_names[i][1]}]  {audio_names[i][0]}")
     return scores
 
 

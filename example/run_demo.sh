@@ -21,8 +21,9 @@ $py postprocessing/xmodal_retrieval.py
 $py - <<'PY'
 import json
 from utils.config import load_raw, validate
-from utils.experiments import latest_best_file
-folder = latest_best_file(validate(load_raw("conf.yaml")).ray_conf.storage_path).parent
+from utils.experiments import find_best_file
+config = validate(load_raw("conf.yaml"))
+folder = find_best_file(config.ray_conf.storage_path, config.experiment).parent
 trained = json.loads((folder / "retrieval_metrics.json").read_text())["t2a"]["mAP@10"]
 untrained = json.loads((folder / "retrieval_metrics_untrained.json").read_text())["t2a"]["mAP@10"]
 print(f"\nevaluation t2a mAP@10: best trial {trained:.4f}, untrained {untrained:.4f} ({trained / untrained:.1f}x)")

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.registry import Registry, StrictModel, configured
 from models.weights import load_weights, read_safetensors
+from utils.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class CNN14Encoder(ConvStackEncoder):
         super().__init__(n_mels, [64, 128, 256, 512, 1024, 2048], out_dim=2048, dropout=config.dropout, last_pool=1)
         self.config = config
         if config.weight is not None:
+            if not config.weight.is_file():
+                raise CheckpointError(
+                    f"model.audio_enc.weight: {config.weight} not found; make it from the PANNs checkpoint with: "
+                    f"python preprocessing/cnn14_transfer.py --checkpoint Cnn14_mAP=0.431.pth --output {config.weight}"
+                )
             load_weights(self, read_safetensors(config.weight), f"model.audio_enc.weight {config.weight}")
             log.info("CNN14Encoder: loaded pretrained weights from %s", config.weight)
         self.requires_grad_(config.trainable)

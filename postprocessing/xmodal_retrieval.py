@@ -91,7 +91,7 @@ def main() -> None:
     setup_logging()
     torch.set_grad_enabled(False)
     with exit_on_input_error():
-        model_path, folder = find_model(args.checkpoint, args.best, args.config)
+        model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         evaluate(model_path, args.out_dir or folder, args.split, args.untrained, args.rescore, args.device)
 
 

@@ -106,7 +106,7 @@ def main() -> None:
     setup_logging()
     torch.set_grad_enabled(False)
     with exit_on_input_error():
-        model_path, folder = find_model(args.checkpoint, args.best, args.config)
+        model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         split = args.split or read_model_config(model_path).data.eval_split
         write_scores(model_path, split, args.out_dir or folder, args.untrained, args.device)
 

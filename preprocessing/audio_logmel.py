@@ -33,8 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.audio import FeatureConfig, file_logmel
-from utils.cli import add_preprocessing_arguments, exit_on_input_error, setup_logging
-from utils.config import load_raw, validate
+from utils.cli import add_config_arguments, exit_on_input_error, raw_config, setup_logging
+from utils.config import validate
 from utils.errors import AudioError, DatasetError
 from utils.stores import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table
 
@@ -260,7 +260,7 @@ def extract_split(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_preprocessing_arguments(parser, "features", "features.n_mels=128")
+    add_config_arguments(parser, "features", "features.n_mels=128")
     parser.add_argument(
         "--workers",
         type=int,
@@ -273,14 +273,15 @@ def main() -> None:
         default=PART_SIZE,
         help=f"clips per saved part, the most a rerun repeats (default: {PART_SIZE})",
     )
+    parser.add_argument("--overwrite", action="store_true", help="recompute splits and parts that are already done")
     args = parser.parse_args()
     if args.workers < 1 or args.part_size < 1:
         parser.error("--workers and --part-size must be at least 1")
     setup_logging()
     with exit_on_input_error():
-        features = validate(load_raw(args.config, args.overrides)).features
-        for split in args.splits:
-            extract_split(args.dataset_dir, split, features, args.workers, args.part_size, args.overwrite)
+        config = validate(raw_config(args))
+        for split in args.splits or config.data.splits():
+            extract_split(config.data.dataset_dir, split, config.features, args.workers, args.part_size, args.overwrite)
 
 
 if __name__ == "__main__":

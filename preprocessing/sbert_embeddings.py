@@ -1,5 +1,8 @@
 """Embed every caption with Sentence-BERT, in batches, into ``{split}_text_embeds.h5``.
 
+It embeds the caption column that ``text_embeddings.caption_column`` names: ``raw_text`` (as
+written, the default) or ``text`` (lower case, no punctuation).
+
 The file holds ``cid`` ``(n,)``, ``embedding`` ``(n, dim)`` float32 and the model name as an
 attribute: plain HDF5, no pickle. The model comes from ``text_embeddings.model_name`` in the
 config: a hub name (``all-mpnet-base-v2``, as in the DCASE baseline) or a local folder.
@@ -17,6 +20,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,12 +28,15 @@ if not __package__:  # run as a file: import the project from its root, as `pyth
 import h5py
 import numpy as np
 
-from utils.cli import add_preprocessing_arguments, exit_on_input_error, setup_logging
-from utils.config import load_raw, validate
+from utils.cli import add_config_arguments, exit_on_input_error, raw_config, setup_logging
+from utils.config import validate
 from utils.errors import DatasetError
 from utils.runtime import resolve_device
 from utils.stores import TEXT_COLUMNS, atomic_h5, read_table, text_embeds_file, text_table
-from utils.text import load_sentence_model
+from utils.text import TextEmbeddingConfig, load_sentence_model
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger("sbert_embeddings")
 
@@ -40,7 +47,7 @@ def captions_digest(captions: list[str]) -> str:
 
 
 def store_is_current(path: Path, cids: np.ndarray, digest: str, model_name: str) -> bool:
-    """Whether ``path`` holds embeddings of exactly these captions (ids and texts) by ``model_name``."""
+    """Whether ``path`` holds embeddings of exactly these captions (ids and embedded texts) by ``model_name``."""
     if not path.is_file():
         return False
     try:
@@ -55,17 +62,19 @@ def store_is_current(path: Path, cids: np.ndarray, digest: str, model_name: str)
 
 
 def embed_captions(
-    dataset_dir: Path, split: str, model, model_name: str, batch_size: int, overwrite: bool = False
+    dataset_dir: Path, split: str, model: SentenceTransformer, settings: TextEmbeddingConfig, overwrite: bool = False
 ) -> Path:
-    """Write ``{split}_text_embeds.h5`` for the captions of ``{split}_text.csv``."""
+    """Write ``{split}_text_embeds.h5``: ``settings.model_name``'s embedding of the ``settings.caption_column``
+    of each caption of ``{split}_text.csv``."""
+    model_name = settings.model_name
     text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
-    cids, captions = text["cid"].to_numpy(np.int64), text["text"].astype(str).tolist()
+    cids, captions = text["cid"].to_numpy(np.int64), text[settings.caption_column].astype(str).tolist()
     digest = captions_digest(captions)
     target = text_embeds_file(dataset_dir, split)
     if not overwrite and store_is_current(target, cids, digest, model_name):
         log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
         return target
-    embeds = model.encode(captions, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+    embeds = model.encode(captions, batch_size=settings.batch_size, show_progress_bar=True, convert_to_numpy=True)
     bad = ~np.isfinite(embeds).all(axis=1)
     if bad.any():
         raise DatasetError(
@@ -77,21 +86,22 @@ def embed_captions(
         f.create_dataset("embedding", data=embeds.astype(np.float32))
         f.attrs["model_name"] = model_name
         f.attrs["captions_sha256"] = digest
+        f.attrs["caption_column"] = settings.caption_column
     log.info("%s: %d captions x %d dims -> %s", split, *embeds.shape, target)
     return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_preprocessing_arguments(parser, "text_embeddings", "text_embeddings.model_name=all-mpnet-base-v2")
+    add_config_arguments(parser, "text_embeddings", "text_embeddings.model_name=all-mpnet-base-v2")
+    parser.add_argument("--overwrite", action="store_true", help="recompute splits that are already done")
     args = parser.parse_args()
     setup_logging()
     with exit_on_input_error():
-        config = validate(load_raw(args.config, args.overrides))
-        name = config.text_embeddings.model_name
-        model = load_sentence_model(name, resolve_device(config.device))
-        for split in args.splits:
-            embed_captions(args.dataset_dir, split, model, name, config.text_embeddings.batch_size, args.overwrite)
+        config = validate(raw_config(args))
+        model = load_sentence_model(config.text_embeddings.model_name, resolve_device(config.device))
+        for split in args.splits or config.data.splits():
+            embed_captions(config.data.dataset_dir, split, model, config.text_embeddings, args.overwrite)
 
 
 if __name__ == "__main__":

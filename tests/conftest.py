@@ -65,10 +65,10 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sentence_model) -> Pa
     dataset_dir = tmp_path_factory.mktemp("tiny_demo")
     write_demo_dataset(dataset_dir, {"development": 24, "validation": 12, "evaluation": 12}, seed=1)
     index_dataset(dataset_dir)
-    features = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset_dir}"])).features
+    config = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset_dir}"]))
     for split in SPLITS:
-        assert extract_split(dataset_dir, split, features, workers=2) == []
-        embed_captions(dataset_dir, split, sentence_model, "sentence-transformers/all-MiniLM-L6-v2", batch_size=64)
+        assert extract_split(dataset_dir, split, config.features, workers=2) == []
+        embed_captions(dataset_dir, split, sentence_model, config.text_embeddings)
     return dataset_dir
 
 

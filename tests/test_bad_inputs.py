@@ -35,6 +35,7 @@ from utils.checkpoints import (
 from utils.config import load_raw, validate, with_overrides
 from utils.errors import AudioError, CheckpointError, DatasetError
 from utils.stores import LogmelStore, audio_table, check_split, logmel_file, text_embeds_file, text_table
+from utils.text import TextEmbeddingConfig
 from utils.training import train
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
@@ -165,7 +166,9 @@ def test_file_names_cannot_point_outside_the_split_folder(dataset):
     [
         (
             "file_name,caption_1,caption_2\na.wav,x,y\n",
-            "missing column(s) fname, raw_text, text; expected fname, raw_text, text, found file_name, caption_1",
+            "missing column(s); expected Clotho's release columns file_name, caption_1, caption_2, caption_3, "
+            "caption_4, caption_5, or one caption per row with fname, raw_text, text (text optional); "
+            "found file_name, caption_1, caption_2",
         ),
         ("fname,raw_text,text\n", "no caption rows"),
         ("", "not a readable UTF-8 CSV"),
@@ -307,21 +310,23 @@ class CountingModel:
 def test_sentence_embeddings_skip_finished_splits_and_refuse_nan(tiny_dataset, sentence_model, tmp_path):
     dataset = tmp_path / "copy"
     shutil.copytree(tiny_dataset, dataset)
-    name = "sentence-transformers/all-MiniLM-L6-v2"
+    settings = TextEmbeddingConfig()  # all-MiniLM-L6-v2 on raw_text
     model = CountingModel(sentence_model)
-    embed_captions(dataset, "validation", model, name, batch_size=64)
+    embed_captions(dataset, "validation", model, settings)
     assert model.calls == 0  # same captions, same model: up to date
-    embed_captions(dataset, "validation", model, name, batch_size=64, overwrite=True)
+    embed_captions(dataset, "validation", model, settings, overwrite=True)
     assert model.calls == 1
     table = pd.read_csv(text_table(dataset, "validation"), keep_default_na=False)
-    table.loc[3, "text"] = "an edited caption keeps its id"
+    table.loc[3, "raw_text"] = "An edited caption keeps its id."
     table.to_csv(text_table(dataset, "validation"), index=False)
-    embed_captions(dataset, "validation", model, name, batch_size=64)
+    embed_captions(dataset, "validation", model, settings)
     assert model.calls == 2  # same ids, new text: embedded again
+    embed_captions(dataset, "validation", model, settings.model_copy(update={"caption_column": "text"}))
+    assert model.calls == 3  # the other column is other text
 
     text_embeds_file(dataset, "validation").unlink()
     with pytest.raises(DatasetError, match=r"NaN/inf embeddings for caption id\(s\) \[\d+\]; nothing written"):
-        embed_captions(dataset, "validation", CountingModel(sentence_model, poison=True), name, batch_size=64)
+        embed_captions(dataset, "validation", CountingModel(sentence_model, poison=True), settings)
     assert not text_embeds_file(dataset, "validation").exists() and not list(dataset.glob("*.partial"))
 
 

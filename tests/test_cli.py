@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO_ROOT
@@ -35,6 +36,8 @@ def test_main_rejects_bad_key_and_missing_data_before_ray(tmp_path):
     assert result.returncode != 0 and "param_conf.bach_size" in result.stderr
     result = run("main.py", f"data.dataset_dir={tmp_path}")
     assert result.returncode != 0 and "run the preprocessing scripts first" in result.stderr
+    result = run("main.py", f"data.dataset_dir={tmp_path / 'nowhere'}")
+    assert result.stderr == f"error: data.dataset_dir: {tmp_path / 'nowhere'} does not exist or is not a folder\n"
     assert "Ray" not in result.stderr  # rejected before any Ray start-up
 
 
@@ -56,14 +59,56 @@ def test_main_rejects_bad_key_and_missing_data_before_ray(tmp_path):
         ),
         (
             ["model.audio_enc.chanels=[4]"],
-            "error: invalid config: model.audio_enc.chanels: Extra inputs are not permitted",
+            "error: invalid config: model.audio_enc.chanels: Extra inputs are not permitted (did you mean channels?)",
         ),
-        (["features.fmax=9000"], "error: invalid config: features: Value error, need fmin < fmax <= sample_rate / 2"),
+        (
+            ["param_conf.bach_size=4"],
+            "error: invalid config: param_conf.bach_size: Extra inputs are not permitted (did you mean batch_size?)",
+        ),
+        (
+            ["param_conf.num_epochs=1", "ray_conf.scheduler.grace_period=2"],
+            "error: invalid config: ray_conf.scheduler.grace_period 2 is more than param_conf.num_epochs 1",
+        ),
+        (["features.fmax=9000"], "error: invalid config: features: need fmin < fmax <= sample_rate / 2"),
     ],
-    ids=["temperature-0", "no-channels", "searched-temperature-0", "misspelt-key", "fmax-above-nyquist"],
+    ids=[
+        "temperature-0",
+        "no-channels",
+        "searched-temperature-0",
+        "misspelt-key",
+        "misspelt-top-key",
+        "asha-longer-than-training",
+        "fmax-above-nyquist",
+    ],
 )
 def test_component_constraints_fail_in_one_line_before_ray(overrides, message, tmp_path):
     result = run("main.py", f"ray_conf.storage_path={tmp_path}", *overrides)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
     assert result.stderr.startswith(message), result.stderr
     assert not list(tmp_path.iterdir())  # refused before Ray or any experiment folder
+
+
+def test_a_text_model_that_cannot_be_loaded_is_one_line_within_seconds(tmp_path):
+    start = time.monotonic()
+    result = run(
+        "preprocessing/sbert_embeddings.py",
+        "--dataset-dir",
+        tmp_path,
+        "text_embeddings.model_name=no-such-org/no-such-model",
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == result.stderr.count("error:") == 1, result.stderr
+    assert result.stderr.startswith("error: text_embeddings.model_name: cannot load 'no-such-org/no-such-model'")
+    assert time.monotonic() - start < 60
+
+
+def test_a_missing_cnn14_weight_file_names_its_key_and_the_command_that_makes_it(tmp_path):
+    from models import CNN14Encoder
+    from utils.errors import CheckpointError
+
+    missing = tmp_path / "pretrained" / "CNN14Encoder.safetensors"
+    with pytest.raises(CheckpointError) as err:
+        CNN14Encoder(n_mels=64, weight=missing)
+    assert str(err.value) == (
+        f"model.audio_enc.weight: {missing} not found; make it from the PANNs checkpoint with: python "
+        f"preprocessing/cnn14_transfer.py --checkpoint Cnn14_mAP=0.431.pth --output {missing}"
+    )

@@ -5,7 +5,8 @@ from conftest import REPO_ROOT
 
 from models import AUDIO_ENCODERS
 from models.registry import StrictModel
-from utils.config import load_config, load_raw, parse_override, validate, validate_search_space, with_overrides
+from utils.config import load_config, load_raw, validate, validate_search_space, with_overrides
+from utils.config_files import parse_override
 from utils.errors import ConfigError
 
 CONF = REPO_ROOT / "conf.yaml"
@@ -120,3 +121,18 @@ def test_misspelt_key_inside_a_named_section_is_reported_at_its_real_path():
     assert "criterion.temprature: Extra inputs are not permitted" in message
     assert "ray_conf.scheduler.grace_perod: Extra inputs are not permitted" in message
     assert "LogSoftmaxLoss" not in message and "ASHA." not in message  # no union tags in the paths
+
+
+def test_numbers_are_numbers_everywhere_a_config_is_read(tmp_path):
+    config_file = tmp_path / "conf.yaml"
+    text = CONF.read_text().replace("grid: [0.003, 0.001, 0.0003]", "{loguniform: [1e-4, 1e-2]}")
+    config_file.write_text(text.replace("lr: 0.001", "lr: 5e-4"))
+    config, _ = load_config(config_file, ["criterion.temperature=7E-2"])
+    assert config.optimizer.lr == 5e-4 and config.criterion.temperature == 0.07
+    assert config.ray_conf.search_space["optimizer.lr"] == {"loguniform": [1e-4, 1e-2]}
+
+
+@pytest.mark.parametrize("value", ["null", "{}"])
+def test_one_trial_without_a_search(value):
+    config, _ = load_config(CONF, [f"ray_conf.search_space={value}"])
+    assert config.ray_conf.search_space == {}

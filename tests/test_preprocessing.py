@@ -12,6 +12,7 @@ from preprocessing.clotho_dataset import index_split
 from preprocessing.demo_dataset import write_demo_dataset
 from utils.audio import FeatureConfig
 from utils.stores import LogmelStore, logmel_file, read_text_embeds, text_embeds_file
+from utils.text import TextEmbeddingConfig, normalise_caption
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
 
@@ -92,3 +93,30 @@ def test_text_embeddings_are_keyed_by_caption_id(tiny_dataset):
     assert cids.tolist() == text["cid"].tolist() and embeds.shape == (len(text), 384)
     assert model == "sentence-transformers/all-MiniLM-L6-v2"
     np.testing.assert_allclose(np.linalg.norm(embeds, axis=1), 1.0, atol=1e-3)  # MiniLM normalises its output
+
+
+def test_captions_are_normalised_like_the_dcase_baseline_text_column():
+    assert normalise_caption("The beep, beep, beep of a walkie-talkie.") == "the beep beep beep of a walkie-talkie"
+    assert normalise_caption("  A kid's toy:   squeaks!? ") == "a kid's toy squeaks"
+    assert TextEmbeddingConfig().caption("A Dog barks.") == "A Dog barks."  # raw_text: as written
+    assert TextEmbeddingConfig(caption_column="text").caption("A Dog barks.") == "a dog barks"
+
+
+def test_clotho_release_captions_are_read_as_downloaded(tmp_path):
+    (tmp_path / "development").mkdir()
+    names = ["b (1) &amp; c.wav", "a, d&#39;e.wav"]
+    for name in names:
+        sf.write(tmp_path / "development" / name, np.zeros(16000, np.float32), 16000)
+    rows = [[names[0], "One.", "Two, three.", "", "Four!", "One."], [names[1], "A", "B", "C", "D", "E"]]
+    pd.DataFrame(rows, columns=["file_name"] + [f"caption_{k}" for k in range(1, 6)]).to_csv(
+        tmp_path / "clotho_captions_development.csv", index=False
+    )
+    audio, text, problems = index_split(tmp_path, "development")
+    assert audio["fname"].tolist() == sorted(names)
+    # cids follow the file: row by row, caption_1 to caption_5; the dropped ones keep their place
+    assert text["cid"].tolist() == [0, 1, 3, 5, 6, 7, 8, 9]
+    assert text["raw_text"].tolist()[:3] == ["One.", "Two, three.", "Four!"] and text["text"][1] == "two three"
+    assert problems == [
+        "clotho_captions_development.csv line 2 caption_3: empty caption for 'b (1) &amp; c.wav'; dropped",
+        "clotho_captions_development.csv line 2 caption_5: repeats line 2 caption_1 ('b (1) &amp; c.wav'); dropped",
+    ]

@@ -17,7 +17,7 @@ from utils.config import validate, with_overrides
 
 
 @pytest.mark.slow
-def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, tmp_path):
+def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset, ray_session, tmp_path, capsys):
     raw = with_overrides(
         tiny_raw,
         {
@@ -85,7 +85,7 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
             timeout=300,
             cwd=REPO_ROOT,
         )
-        assert run.returncode == 1 and run.stderr.strip() == (
+        assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (
             "error: device: 'cuda' was requested but no CUDA GPU is visible to this process; use cpu or auto"
         )
 
@@ -93,6 +93,13 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, ray_session, 
         Path(best["model"]), [REPO_ROOT / "example" / "example.wav"], ["three high beeps"], "validation", 3, "cpu"
     )
     assert scores.shape == (1 + 12, 1 + 60)  # the query file and caption, then the validation clips and captions
+    member = sorted((tiny_dataset / "validation").glob("*.wav"))[0]  # a query that is also a gallery clip
+    caption = pd.read_csv(tiny_dataset / "validation_text.csv", keep_default_na=False)["raw_text"][0]
+    capsys.readouterr()
+    assert retrieve(Path(best["model"]), [member], [caption], "validation", 12, "cpu").shape == (12, 60)
+    printed = capsys.readouterr().out
+    assert f"[query]  {member.name}" in printed and f"[gallery]  {member.name}" not in printed  # listed once
+    assert f"[query]  {caption}" in printed and f"[gallery]  {caption}" not in printed
 
 
 def test_every_config_search_kind_maps_to_a_ray_domain():

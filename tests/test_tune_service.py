@@ -54,6 +54,8 @@ def test_asha_stops_weak_trials_of_a_two_parameter_search(tiny_raw, ray_session)
     ]
     assert table.iloc[0]["param/optimizer.lr"] == 0.01  # the best trial is a learning one
     assert (table.loc[table["param/optimizer.lr"] == 0.01, "epochs_run"] == 4).any()
+    # results.csv tells the trials ASHA cut short from those that ran every epoch
+    assert (table["status"] == table["epochs_run"].map(lambda n: "TERMINATED" if n == 4 else "STOPPED")).all()
 
 
 class KillTrialOnce(tune.Callback):
@@ -256,6 +258,7 @@ def test_plateau_stopper_ends_a_flat_trial(tiny_raw, ray_session):
     experiment = run_experiment(validate(raw), raw)
     (trial,) = trial_folders(experiment)
     assert epochs(trial) == [1, 2]
+    assert pd.read_csv(experiment / "results.csv")["status"].tolist() == ["STOPPED"]
 
 
 def test_a_trial_whose_loss_turns_nan_fails_alone_with_its_reason(tiny_raw, tiny_dataset, tmp_path, ray_session):

@@ -86,12 +86,17 @@ def read_model_config(path: Path) -> Config:
     return validate(load_checkpoint(path)["config"])
 
 
-def build_model(config: Config, device: torch.device) -> DualEncoderModel:
-    """A freshly initialised model for ``config``, sized by its dataset's stores (mel bands, text width)."""
-    data = config.data
+def build_model(config: Config, device: torch.device, pretrained: bool = True) -> DualEncoderModel:
+    """A new model for ``config``, sized by its dataset's stores (mel bands, text width), with the
+    pretrained weights the config names unless ``pretrained`` is False (trained weights follow)."""
+    data, model_config = config.data, config.model
     n_mels = LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels
     text_dim = text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split))
-    return create_model(config.model, n_mels=n_mels, text_dim=text_dim).to(device)
+    if not pretrained and getattr(model_config.audio_enc, "weight", None) is not None:
+        # the file may be missing where a trained model is used, and its weights would be replaced anyway
+        audio_enc = model_config.audio_enc.model_copy(update={"weight": None})
+        model_config = model_config.model_copy(update={"audio_enc": audio_enc})
+    return create_model(model_config, n_mels=n_mels, text_dim=text_dim).to(device)
 
 
 def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderModel, Config]:
@@ -99,7 +104,7 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderMod
     in inference mode."""
     path = Path(path)
     config = read_model_config(path)
-    model = build_model(config, device)
+    model = build_model(config, device, pretrained=False)
     if (path / EXPORT_WEIGHTS).is_file():
         weights = read_safetensors(path / EXPORT_WEIGHTS)
     else:

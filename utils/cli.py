@@ -8,7 +8,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from utils.config_files import load_raw, set_path
 from utils.errors import InputError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf.yaml"
@@ -29,7 +31,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="config whose ray_conf.storage_path holds the experiments (default: conf.yaml)",
     )
     parser.add_argument(
+        "--experiment",
+        help="an experiment name (its newest finished run), a folder name under ray_conf.storage_path or an "
+        "experiment folder (default: the config's experiment)",
+    )
+    parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="where to run the model (default: the model config's device)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of the config that names the experiment, e.g. ray_conf.storage_path=/data/runs",
     )
 
 
@@ -38,16 +50,25 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def add_preprocessing_arguments(parser: argparse.ArgumentParser, section: str, override_example: str) -> None:
-    """The arguments every feature script takes: dataset folder, config (whose ``section`` it reads),
-    splits, ``--overwrite`` and dotted config overrides."""
-    parser.add_argument("--dataset-dir", type=Path, required=True, help="dataset folder indexed by clotho_dataset.py")
+def add_config_arguments(parser: argparse.ArgumentParser, section: str, override_example: str) -> None:
+    """What every dataset script takes: the config (whose ``section`` it reads) with dotted overrides,
+    ``--dataset-dir`` (default: the config's ``data.dataset_dir``) and ``--splits`` (default: the config's
+    three splits)."""
     parser.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"config with the {section} section (default: conf.yaml)"
     )
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), help="splits to process")
-    parser.add_argument("--overwrite", action="store_true", help="recompute splits (and parts) that are already done")
-    parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {override_example}")
+    parser.add_argument("--dataset-dir", type=Path, help="dataset folder (default: the config's data.dataset_dir)")
+    parser.add_argument("--splits", nargs="+", help="splits to process (default: the config's data.*_split)")
+    parser.add_argument("overrides", nargs="*", help=f"dotted config overrides, e.g. {override_example}")
+
+
+def raw_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw config that ``add_config_arguments``' options name: file, overrides, then ``--dataset-dir``
+    (a path from the command line, so relative to the working folder, not to the config file)."""
+    raw = load_raw(args.config, args.overrides)
+    if args.dataset_dir is not None:
+        set_path(raw, "data.dataset_dir", str(args.dataset_dir.resolve()))
+    return raw
 
 
 @contextmanager

@@ -10,11 +10,9 @@ choice, and ``conf.yaml`` is where it is made.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
-import yaml
 from pydantic import (
     Field,
     NonNegativeFloat,
@@ -30,7 +28,9 @@ from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
 from models.registry import StrictModel
 from utils.audio import FeatureConfig
+from utils.config_files import load_raw, validation_message, with_overrides
 from utils.errors import ConfigError
+from utils.stores import DataConfig
 from utils.text import TextEmbeddingConfig
 
 
@@ -51,15 +51,6 @@ SEARCH_SPACE_KINDS = {
     "randint": SearchKind("randint", 2),
     "quniform": SearchKind("quniform", 3),
 }
-
-
-class DataConfig(StrictModel):
-    """The ``data`` section: a Clotho-layout dataset folder and its split names."""
-
-    dataset_dir: Path
-    train_split: str = "development"
-    val_split: str = "validation"  # trials are selected on this split
-    eval_split: str = "evaluation"  # only post-processing reads it
 
 
 class OptimizerConfig(StrictModel):
@@ -154,7 +145,13 @@ class RayConfig(StrictModel):
     search_alg: Literal["random", "optuna"] = "random"  # random/grid sampling, or Optuna's TPE
     scheduler: TrialSchedulerConfig  # no default: how trials are stopped is each experiment's choice
     plateau_stopper: PlateauStopperConfig | None = None
-    search_space: SearchSpace  # no default: what to search is each experiment's choice ({} runs one trial)
+    # no default: what to search is each experiment's choice; null (or {}) runs one trial with the file's values
+    search_space: SearchSpace | None
+
+    @field_validator("search_space")
+    @classmethod
+    def _no_search_is_one_trial(cls, search_space: SearchSpace | None) -> SearchSpace:
+        return search_space or {}
 
     @field_validator("metric")
     @classmethod
@@ -201,6 +198,17 @@ class Config(StrictModel):
     ray_conf: RayConfig
 
     @model_validator(mode="after")
+    def _schedulers_fit_the_epochs(self) -> Config:
+        epochs = self.param_conf.num_epochs
+        for section, name, value in (
+            ("ray_conf.scheduler", "grace_period", getattr(self.ray_conf.scheduler, "grace_period", 1)),
+            ("ray_conf.plateau_stopper", "grace_period", getattr(self.ray_conf.plateau_stopper, "grace_period", 1)),
+        ):
+            if value > epochs:
+                raise ValueError(f"{section}.{name} {value} is more than param_conf.num_epochs {epochs}")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> Config:
         workers = self.ray_conf.workers_per_trial
         if self.param_conf.batch_size % workers or self.param_conf.batch_size // workers < 1:
@@ -211,93 +219,12 @@ class Config(StrictModel):
         return self
 
 
-# Config fields holding paths that are resolved against the config file's folder.
-_PATH_KEYS = ("data.dataset_dir", "ray_conf.storage_path", "model.audio_enc.weight")
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"param_conf.batch_size=64"`` -> ``("param_conf.batch_size", 64)``; the value is parsed as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
-    return key.strip(), safe_yaml(value, f"override {text!r}")
-
-
-def safe_yaml(text: Any, source: str) -> Any:
-    """Parse YAML with the safe loader (plain data only: no ``!!python`` tags, nothing executed);
-    a syntax error or a refused tag is a ``ConfigError`` naming ``source`` and the line."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{source}{where}: not valid YAML ({problem})") from None
-
-
-def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``raw[a][b][c] = value`` for ``dotted == "a.b.c"``, creating missing sections."""
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(
-                f"config key {'.'.join(parents[: i + 1])!r} is a value, not a section: cannot set {dotted!r}"
-            )
-        node = child
-    node[leaf] = value
-
-
-def _get_path(raw: dict[str, Any], dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def key_path(loc: tuple[str | int, ...], raw: Any) -> str:
-    """A pydantic error location as the dotted key a user wrote.
-
-    For a section chosen by its ``name`` (a discriminated union) pydantic puts the name in the
-    location (``model.audio_enc.SmallCNNEncoder.chanels``); no such key exists in the file, so
-    it is dropped (``model.audio_enc.chanels``).
-    """
-    keys, node = [], raw
-    for part in loc:
-        if isinstance(node, dict) and part not in node and node.get("name") == part:
-            continue
-        keys.append(str(part))
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-        else:
-            node = None
-    return ".".join(keys)
-
-
-def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``raw`` with each dotted-path override applied."""
-    out = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        set_path(out, dotted, value)
-    return out
-
-
 def validate(raw: dict[str, Any]) -> Config:
     """Turn a raw dict into a ``Config``; every problem is reported with its dotted key path."""
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            path = key_path(e["loc"], raw)
-            got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") else ""
-            lines.append(f"{path}: {e['msg']}{got}")
-        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+        raise ConfigError(validation_message(err, raw, Config)) from None
 
 
 def search_space_samples(path: str, spec: dict[str, list[Any]], where: str = "ray_conf.search_space") -> list[Any]:
@@ -338,30 +265,6 @@ def validate_search_space(raw: dict[str, Any], search_space: SearchSpace, where:
                 validate(with_overrides(raw, {path: value}))
             except ConfigError as err:
                 raise ConfigError(f"{where}.{path}={value!r} gives an {err}") from None
-
-
-def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read YAML safely, apply ``key=value`` overrides and make relative paths absolute.
-
-    Relative paths resolve against the config file's folder, never the process's or a
-    Ray trial's working directory.
-    """
-    config_path = Path(config_path).resolve()
-    if not config_path.is_file():
-        raise ConfigError(f"config file {config_path} does not exist")
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{config_path}: not a UTF-8 text file") from None
-    raw = safe_yaml(text, str(config_path)) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{config_path} must hold a mapping of config sections")
-    raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))
-    for dotted in _PATH_KEYS:
-        value = _get_path(raw, dotted)
-        if isinstance(value, str) and "://" not in value:
-            set_path(raw, dotted, str((config_path.parent / Path(value).expanduser()).resolve()))
-    return raw
 
 
 def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:

@@ -15,7 +15,7 @@ class TrialHistory:
 
     trial_id: str
     params: dict[str, Any]
-    status: str
+    status: str  # TERMINATED (every epoch), STOPPED (early, by the scheduler or stopper) or ERROR
     history: pd.DataFrame  # one row per reported epoch, columns = metric names
 
 

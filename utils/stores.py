@@ -26,19 +26,39 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from models.registry import StrictModel
 from utils.errors import DatasetError
 
 if TYPE_CHECKING:  # only a type here: importing utils.audio would load the audio libraries
     from utils.audio import FeatureConfig
 
-CAPTION_COLUMNS = ("fname", "raw_text", "text")
+CAPTION_COLUMNS = ("fname", "raw_text", "text")  # one caption per row; `text` may be left out
+RELEASE_COLUMNS = ("file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5")  # Clotho as downloaded
 AUDIO_COLUMNS = ("fid", "fname", "duration")
 TEXT_COLUMNS = ("cid", "fid", "fname", "raw_text", "text")
 NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS and NTFS
 
 
+class DataConfig(StrictModel):
+    """The ``data`` section: a Clotho-layout dataset folder and its split names."""
+
+    dataset_dir: Path
+    train_split: str = "development"
+    val_split: str = "validation"  # trials are selected on this split
+    eval_split: str = "evaluation"  # only post-processing reads it
+
+    def splits(self) -> list[str]:
+        """Training, validation and evaluation split names: what preprocessing does by default."""
+        return [self.train_split, self.val_split, self.eval_split]
+
+
 def captions_csv(dataset_dir: Path, split: str) -> Path:
     return Path(dataset_dir) / f"{split}_captions.csv"
+
+
+def release_captions_csv(dataset_dir: Path, split: str) -> Path:
+    """The captions file of the Clotho v2 release: ``clotho_captions_{split}.csv``, five captions per row."""
+    return Path(dataset_dir) / f"clotho_captions_{split}.csv"
 
 
 def audio_table(dataset_dir: Path, split: str) -> Path:

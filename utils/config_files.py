@@ -1,0 +1,196 @@
+"""Reading config files: safe YAML, dotted ``key.path=value`` overrides, and relative paths resolved
+against the file's folder. Torch-free, so that plain tools (dataset indexing) can read a config
+without loading the model code that ``utils.config``'s full schema needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from utils.errors import ConfigError
+
+
+class YamlSafeLoader(yaml.SafeLoader):
+    """The safe loader (plain data only: no ``!!python`` tags, nothing executed), reading numbers as
+    people write them: YAML 1.1 reads ``1e-4`` as a string, YAML 1.2 (and this loader) as a float."""
+
+
+YamlSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+# Config fields holding paths that are resolved against the config file's folder.
+_PATH_KEYS = ("data.dataset_dir", "ray_conf.storage_path", "model.audio_enc.weight")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"param_conf.batch_size=64"`` -> ``("param_conf.batch_size", 64)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip(), safe_yaml(value, f"override {text!r}")
+
+
+def safe_yaml(text: Any, source: str) -> Any:
+    """Parse YAML with the safe loader (plain data only: no ``!!python`` tags, nothing executed);
+    a syntax error or a refused tag is a ``ConfigError`` naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=YamlSafeLoader)  # YamlSafeLoader is a yaml.SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid YAML ({problem})") from None
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted == "a.b.c"``, creating missing sections."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"config key {'.'.join(parents[: i + 1])!r} is a value, not a section: cannot set {dotted!r}"
+            )
+        node = child
+    node[leaf] = value
+
+
+def get_path(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def key_path(loc: tuple[str | int, ...], raw: Any) -> str:
+    """A pydantic error location as the dotted key a user wrote.
+
+    For a section chosen by its ``name`` (a discriminated union) pydantic puts the name in the
+    location (``model.audio_enc.SmallCNNEncoder.chanels``); no such key exists in the file, so
+    it is dropped (``model.audio_enc.chanels``).
+    """
+    keys, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("name") == part:
+            continue
+        keys.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return ".".join(keys)
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with each dotted-path override applied."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        set_path(out, dotted, value)
+    return out
+
+
+def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read YAML safely, apply ``key=value`` overrides and make relative paths absolute.
+
+    Relative paths resolve against the config file's folder, never the process's or a
+    Ray trial's working directory.
+    """
+    config_path = Path(config_path).resolve()
+    if not config_path.is_file():
+        raise ConfigError(f"config file {config_path} does not exist")
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not a UTF-8 text file") from None
+    raw = safe_yaml(text, str(config_path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} must hold a mapping of config sections")
+    raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))
+    for dotted in _PATH_KEYS:
+        value = get_path(raw, dotted)
+        if isinstance(value, str) and "://" not in value:
+            set_path(raw, dotted, str((config_path.parent / Path(value).expanduser()).resolve()))
+    return raw
+
+
+def section_keys(schema: type[BaseModel], keys: list[str], raw: Any) -> list[str]:
+    """The keys the section at dotted ``keys`` accepts (for a section chosen by its ``name``, those of
+    the class it names); empty where the path leaves the schema."""
+    model, node = schema, raw
+    for key in keys:
+        field = model.model_fields.get(key)
+        node = node.get(key) if isinstance(node, dict) else None
+        if field is None:
+            return []
+        members = [t for t in _union_members(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        named = [
+            t
+            for t in members
+            if isinstance(node, dict)
+            and t.model_fields.get("name")
+            and t.model_fields["name"].default == node.get("name")
+        ]
+        if len(members) == 1 or named:
+            model = (named or members)[0]
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Annotated:
+        return _union_members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return tuple(m for arg in get_args(annotation) for m in _union_members(arg))
+    return (annotation,)
+
+
+def validation_message(err: ValidationError, raw: Any, schema: type[BaseModel], prefix: str = "") -> str:
+    """One line for all of a validation's problems, each at the dotted key the user wrote; a misspelt
+    key gets the nearest valid one (``param_conf.bach_size: ... (did you mean batch_size?)``)."""
+    lines = []
+    for e in err.errors():
+        path, message = key_path(e["loc"], raw), e["msg"].removeprefix("Value error, ")
+        hint = f" (got {e['input']!r})"
+        if e["type"] in ("missing", "value_error"):  # a value error's message names the values itself
+            hint = ""
+        elif e["type"] == "extra_forbidden":
+            *section, key = path.split(".")
+            close = difflib.get_close_matches(key, section_keys(schema, section, raw), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        where = f"{prefix}{path}: " if path else ""
+        lines.append(f"{where}{message}{hint}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def validate_section(raw: dict[str, Any], section: str, schema: type[BaseModel]) -> Any:
+    """Only the ``section`` of a raw config, checked against ``schema`` (errors name ``section.key``)."""
+    value = raw.get(section)
+    try:
+        return schema.model_validate(value)
+    except ValidationError as err:
+        raise ConfigError(validation_message(err, value, schema, f"{section}.")) from None
