@@ -20,42 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import ray
-import torch
-from ray import tune
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-from ray.tune.search.optuna import OptunaSearch
-from ray.tune.stopper import TrialPlateauStopper
-
-from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
-from utils.cli import DEFAULT_CONFIG, exit_on_input_error, setup_logging
-from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
-from utils.errors import ConfigError
-from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
-from utils.reporting import TrialHistory, plot_metric, results_table
-from utils.stores import check_split, logmel_file, read_json, text_embeds_file
-from utils.training import train
-
-log = logging.getLogger("main")
-
-BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resume
-BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
-RESULTS_TABLE = "results.csv"
-SEARCH_PLOT = "search.png"
-# CPU share of a data-parallel trial's own process, which only coordinates its Ray Train workers
-# (Ray refuses an empty resource request).
-COORDINATOR_CPU = 0.01
+from utils.cli import DEFAULT_CONFIG, exit_on_input_error, make_parser, setup_logging
 
 
-# ---------------------------------------------------------------------------------------------
-# The run: parse, check, start or resume the experiment
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: config, cluster address, ``--resume`` and dotted overrides."""
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--config",
         type=Path,
@@ -78,7 +48,51 @@ def main() -> None:
     parser.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. param_conf.batch_size=64 optimizer.lr=0.0005"
     )
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before Ray and torch load (seconds)
+
+import pandas as pd
+import ray
+import torch
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import TrialPlateauStopper
+
+from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
+from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
+from utils.errors import ConfigError
+from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
+from utils.reporting import TrialHistory, plot_metric, results_table
+from utils.stores import check_split, logmel_file, read_json, text_embeds_file
+from utils.training import train
+
+log = logging.getLogger("main")
+
+BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resume
+BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
+RESULTS_TABLE = "results.csv"
+SEARCH_PLOT = "search.png"
+# Tune adds its CSV, JSON and TensorBoard writers to every run unless told not to; main.py adds its own
+# (make_run_config), so that Tune's TensorBoard hint, which names a folder without events, is not printed.
+os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+# CPU share of a data-parallel trial's own process, which only coordinates its Ray Train workers
+# (Ray refuses an empty resource request).
+COORDINATOR_CPU = 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: parse, check, start or resume the experiment
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     setup_logging()
     # Ray's TensorBoard logger renames every '@' metric ("R@1" -> "R_1") with one INFO line per key and epoch.
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
@@ -112,6 +126,7 @@ def run_experiment(
         experiment = Path(ray_conf.storage_path) / name
         experiment.mkdir(parents=True)
         (experiment / BASE_CONFIG).write_text(json.dumps(raw, indent=2))
+    log.info("TensorBoard: tensorboard --logdir %s", Path(ray_conf.storage_path) / name)
     tuner = tune.Tuner(
         make_trainable(raw, ray_conf),
         param_space=make_param_space(ray_conf),
@@ -135,7 +150,7 @@ def resume_experiment(path: Path | None, storage_path: str, experiment: str, add
     raw = read_json(path / BASE_CONFIG)
     ray_conf = validate(raw).ray_conf
     init_ray(ray_conf, address)
-    log.info("resuming %s", path)
+    log.info("resuming %s (TensorBoard: tensorboard --logdir %s)", path, path)
     tuner = tune.Tuner.restore(str(path), make_trainable(raw, ray_conf), resume_unfinished=True, resume_errored=True)
     return summarise(tuner.fit(), raw, ray_conf)
 
@@ -159,9 +174,8 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
                     f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
                 )
         check_split(data.dataset_dir, split, config.features)
-    build_model(
-        config, torch.device("cpu")
-    )  # a missing or mismatched pretrained weight file fails here, not in every trial
+    # a missing or mismatched pretrained weight file fails here, not in every trial
+    build_model(config, torch.device("cpu"))
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
         raise ConfigError(
             "device: 'cuda' needs ray_conf.gpus_per_trial > 0: Ray hides the GPUs from trials that reserve none "
@@ -298,7 +312,7 @@ def make_run_config(ray_conf: RayConfig, name: str, callbacks: list[tune.Callbac
         name=name,
         storage_path=ray_conf.storage_path,
         verbose=ray_conf.verbose,
-        callbacks=callbacks,
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardEvents(), *(callbacks or [])],
         stop=stopper,
         failure_config=tune.FailureConfig(max_failures=ray_conf.max_failures),
         checkpoint_config=tune.CheckpointConfig(
@@ -307,6 +321,35 @@ def make_run_config(ray_conf: RayConfig, name: str, callbacks: list[tune.Callbac
             checkpoint_score_order=ray_conf.mode,
         ),
     )
+
+
+class TensorBoardEvents(tune.Callback):
+    """Tune's TensorBoard writer (an events file in each trial's folder) under a type of our own.
+
+    For its own ``TBXLoggerCallback`` Tune prints ``tensorboard --logdir <driver staging folder>``,
+    a folder that holds no events; ``run_experiment`` logs the experiment folder instead.
+    """
+
+    def __init__(self) -> None:
+        self.writer = TBXLoggerCallback()
+
+    def on_trial_start(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.on_trial_start(*args, **kwargs)
+
+    def on_trial_restore(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.on_trial_restore(*args, **kwargs)
+
+    def on_trial_save(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.on_trial_save(*args, **kwargs)
+
+    def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.on_trial_result(*args, **kwargs)
+
+    def on_trial_complete(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.on_trial_complete(*args, **kwargs)
+
+    def on_trial_error(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.on_trial_error(*args, **kwargs)
 
 
 def make_trainable(raw: dict[str, Any], ray_conf: RayConfig) -> Any:

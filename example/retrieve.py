@@ -17,16 +17,7 @@ from pathlib import Path
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
-from utils.audio import file_logmel
-from utils.checkpoints import load_trained_model
-from utils.cli import add_model_arguments, exit_on_input_error
-from utils.data import pad_logmels
-from utils.experiments import find_model
-from utils.inference import encode_split
-from utils.runtime import resolve_device
-from utils.text import load_sentence_model
+from utils.cli import add_model_arguments, exit_on_input_error, make_parser
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CAPTIONS = [
@@ -37,8 +28,9 @@ DEFAULT_CAPTIONS = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line."""
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--audio",
         type=Path,
@@ -52,6 +44,25 @@ def main() -> None:
     )
     parser.add_argument("--top", type=int, default=5, help="results per query (default: 5)")
     add_model_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
+
+import torch
+
+from utils.audio import file_logmel
+from utils.checkpoints import load_trained_model
+from utils.data import pad_logmels
+from utils.experiments import find_model
+from utils.inference import encode_split
+from utils.runtime import resolve_device
+from utils.text import load_sentence_model
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.top < 1:
         parser.error("--top must be at least 1")

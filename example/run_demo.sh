@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded demo dataset, from a fresh clone:
 # install, generate data, preprocess, tune (Ray Tune), then score the best trial and an
-# untrained model of the same config on the evaluation split.
+# untrained model of the same config on the evaluation split. Prints how long each stage took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0  # nothing is downloaded at run time
 
+declare -a timings=()
+lap() {  # lap NAME: record the seconds since the previous lap
+  timings+=("$1 $((SECONDS - ${last:-0})) s")
+  last=$SECONDS
+}
+
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
+lap install
 py=.venv/bin/python
 data=data/demo
 
@@ -15,9 +22,12 @@ $py preprocessing/demo_dataset.py --dataset-dir $data
 $py preprocessing/clotho_dataset.py --dataset-dir $data
 $py preprocessing/audio_logmel.py --dataset-dir $data
 $py preprocessing/sbert_embeddings.py --dataset-dir $data
+lap "data and preprocessing"
 $py main.py
+lap tuning
 $py postprocessing/xmodal_retrieval.py --untrained
 $py postprocessing/xmodal_retrieval.py
+lap scoring
 $py - <<'PY'
 import json
 from utils.config import load_raw, validate
@@ -29,3 +39,4 @@ untrained = json.loads((folder / "retrieval_metrics_untrained.json").read_text()
 print(f"\nevaluation t2a mAP@10: best trial {trained:.4f}, untrained {untrained:.4f} ({trained / untrained:.1f}x)")
 print(f"results: {folder}")
 PY
+printf 'time: %s; total %d s\n' "$(IFS=,; echo "${timings[*]}" | sed 's/,/, /g')" "$SECONDS"

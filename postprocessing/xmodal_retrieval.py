@@ -18,13 +18,26 @@ from pathlib import Path
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.cli import add_scoring_arguments, exit_on_input_error, make_parser, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line."""
+    parser = make_parser(__doc__)
+    add_scoring_arguments(parser)
+    parser.add_argument("--rescore", action="store_true", help="recompute the scores even if the scores file exists")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
+
 import numpy as np
 import pandas as pd
 import torch
 
-from postprocessing.xmodal_scores import add_scoring_arguments, load_scores, scores_file, write_scores
+from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
-from utils.cli import exit_on_input_error, setup_logging
 from utils.experiments import find_model
 from utils.metrics import retrieval_metrics
 
@@ -84,9 +97,7 @@ def evaluate(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_scoring_arguments(parser)
-    parser.add_argument("--rescore", action="store_true", help="recompute the scores even if the scores file exists")
+    parser = build_parser()
     args = parser.parse_args()
     setup_logging()
     torch.set_grad_enabled(False)

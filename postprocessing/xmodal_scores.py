@@ -16,32 +16,30 @@ from pathlib import Path
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.cli import add_scoring_arguments, exit_on_input_error, make_parser, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line."""
+    parser = make_parser(__doc__)
+    add_scoring_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
+
 import h5py
 import numpy as np
 import torch
 
 from utils.checkpoints import build_model, load_trained_model, read_model_config
-from utils.cli import add_model_arguments, exit_on_input_error, setup_logging
 from utils.experiments import find_model
 from utils.inference import SplitEmbeddings, encode_split
 from utils.runtime import resolve_device, seed_everything
 from utils.stores import atomic_h5, check_split
 
 log = logging.getLogger("xmodal_scores")
-
-
-def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model to score, the split and the output folder; shared with ``xmodal_retrieval.py``."""
-    add_model_arguments(parser)
-    parser.add_argument("--split", help="split to score (default: the model config's data.eval_split)")
-    parser.add_argument(
-        "--untrained",
-        action="store_true",
-        help="score a randomly initialised model with the same config (chance reference)",
-    )
-    parser.add_argument(
-        "--out-dir", type=Path, help="output folder (default: the experiment folder, or the checkpoint's folder)"
-    )
 
 
 def scores_file(out_dir: Path, split: str, untrained: bool) -> Path:
@@ -100,8 +98,7 @@ def write_scores(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_scoring_arguments(parser)
+    parser = build_parser()
     args = parser.parse_args()
     setup_logging()
     torch.set_grad_enabled(False)

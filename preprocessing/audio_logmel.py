@@ -28,19 +28,45 @@ from pathlib import Path
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.cli import add_config_arguments, exit_on_input_error, make_parser, raw_config, setup_logging
+
+PART_SIZE = 256  # clips per part file: the work a rerun after a crash may have to repeat
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line."""
+    parser = make_parser(__doc__)
+    add_config_arguments(parser, "features", "features.n_mels=128")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count(),
+        help="worker processes (default: all cores; 1 runs in this process)",
+    )
+    parser.add_argument(
+        "--part-size",
+        type=int,
+        default=PART_SIZE,
+        help=f"clips per saved part, the most a rerun repeats (default: {PART_SIZE})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="recompute splits and parts that are already done")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
+
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from utils.audio import FeatureConfig, file_logmel
-from utils.cli import add_config_arguments, exit_on_input_error, raw_config, setup_logging
+from utils.audio import FeatureConfig, file_logmel, logmel
 from utils.config import validate
 from utils.errors import AudioError, DatasetError
 from utils.stores import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table
 
 log = logging.getLogger("audio_logmel")
 
-PART_SIZE = 256  # clips per part file: the work a rerun after a crash may have to repeat
 TEXT = h5py.string_dtype()  # variable-length UTF-8 strings: file names and skip reasons, no pickle
 
 
@@ -52,6 +78,11 @@ def _extract(path: Path, features: FeatureConfig) -> np.ndarray | str:
         return str(err)
     except MemoryError:  # e.g. a small compressed file that decodes to many channels at a high rate
         return f"{path}: out of memory while decoding"
+
+
+def _warm_up(features: FeatureConfig) -> None:
+    """Analyse one second of silence: what a worker's first clip would otherwise pay for (imports, JIT)."""
+    logmel(np.zeros(int(features.sample_rate), np.float32), features)
 
 
 def _frame_chunks(frames: int, n_mels: int) -> tuple[int, int] | None:
@@ -238,20 +269,22 @@ def extract_split(
             "%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir
         )
     # --workers 1 decodes in this process (one thread), which is easier to debug and to profile
-    with (
-        ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool,
-        tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress,
-    ):
-        for i in todo:
-            s = slices[i]
-            try:
-                extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
-            except BrokenProcessPool:
-                raise DatasetError(
-                    f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} "
-                    f"to {fnames[s][-1]!r}; "
-                    "finished parts are kept: rerun to continue, with fewer --workers if memory is short"
-                ) from None
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool:
+        # Workers start, import the audio libraries and compile their first call (up to tens of seconds)
+        # before the bar opens, so that its rate and time estimate are those of the clips.
+        log.info("%s: starting %d worker(s) for %d clips", split, workers, len(fids) - done_clips)
+        list(pool.map(_warm_up, [features] * workers))
+        with tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
+            for i in todo:
+                s = slices[i]
+                try:
+                    extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
+                except BrokenProcessPool:
+                    raise DatasetError(
+                        f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} "
+                        f"to {fnames[s][-1]!r}; "
+                        "finished parts are kept: rerun to continue, with fewer --workers if memory is short"
+                    ) from None
     kept, reasons = merge_parts(parts, target, features, fids, fnames, stamps)
     shutil.rmtree(parts_dir)
     log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
@@ -259,21 +292,7 @@ def extract_split(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, "features", "features.n_mels=128")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count(),
-        help="worker processes (default: all cores; 1 runs in this process)",
-    )
-    parser.add_argument(
-        "--part-size",
-        type=int,
-        default=PART_SIZE,
-        help=f"clips per saved part, the most a rerun repeats (default: {PART_SIZE})",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="recompute splits and parts that are already done")
+    parser = build_parser()
     args = parser.parse_args()
     if args.workers < 1 or args.part_size < 1:
         parser.error("--workers and --part-size must be at least 1")

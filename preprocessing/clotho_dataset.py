@@ -24,7 +24,6 @@ complete, never half.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ if not __package__:  # run as a file: import the project from its root, as `pyth
 import pandas as pd
 
 from utils.audio import audio_duration
-from utils.cli import add_config_arguments, exit_on_input_error, raw_config, setup_logging
+from utils.cli import add_config_arguments, exit_on_input_error, make_parser, raw_config, setup_logging
 from utils.config_files import validate_section
 from utils.errors import AudioError, DatasetError
 from utils.stores import (
@@ -155,7 +154,7 @@ def shared_names(audio_tables: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_arguments(parser, "data", "data.dataset_dir=data/clotho")
     args = parser.parse_args()
     setup_logging()

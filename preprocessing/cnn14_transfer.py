@@ -18,12 +18,30 @@ from pathlib import Path
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.cli import exit_on_input_error, make_parser, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line."""
+    parser = make_parser(__doc__)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="PANNs Cnn14_mAP=0.431.pth")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("pretrained/CNN14Encoder.safetensors"),
+        help="output file (default: pretrained/CNN14Encoder.safetensors)",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
+
 import torch
 from safetensors.torch import save_file
 
 from models import CNN14Encoder
 from models.weights import check_state_dict, read_torch_file
-from utils.cli import exit_on_input_error, setup_logging
 from utils.errors import CheckpointError
 
 log = logging.getLogger("cnn14_transfer")
@@ -58,14 +76,7 @@ def transfer(panns_checkpoint: Path, output: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="PANNs Cnn14_mAP=0.431.pth")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path("pretrained/CNN14Encoder.safetensors"),
-        help="output file (default: pretrained/CNN14Encoder.safetensors)",
-    )
+    parser = build_parser()
     args = parser.parse_args()
     setup_logging()
     with exit_on_input_error():

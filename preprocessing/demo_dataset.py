@@ -10,7 +10,6 @@ Deterministic: the same ``--seed`` writes byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from utils.cli import SPLITS, setup_logging
+from utils.cli import SPLITS, make_parser, setup_logging
 
 log = logging.getLogger("demo_dataset")
 
@@ -190,7 +189,7 @@ def write_demo_dataset(out_dir: Path, clips_per_split: dict[str, int], seed: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--dataset-dir", type=Path, default=Path("data/demo"), help="output folder (default: data/demo)"
     )

@@ -25,10 +25,23 @@ from typing import TYPE_CHECKING
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.cli import add_config_arguments, exit_on_input_error, make_parser, raw_config, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line."""
+    parser = make_parser(__doc__)
+    add_config_arguments(parser, "text_embeddings", "text_embeddings.model_name=all-mpnet-base-v2")
+    parser.add_argument("--overwrite", action="store_true", help="recompute splits that are already done")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
+
 import h5py
 import numpy as np
 
-from utils.cli import add_config_arguments, exit_on_input_error, raw_config, setup_logging
 from utils.config import validate
 from utils.errors import DatasetError
 from utils.runtime import resolve_device
@@ -92,9 +105,7 @@ def embed_captions(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, "text_embeddings", "text_embeddings.model_name=all-mpnet-base-v2")
-    parser.add_argument("--overwrite", action="store_true", help="recompute splits that are already done")
+    parser = build_parser()
     args = parser.parse_args()
     setup_logging()
     with exit_on_input_error():

@@ -28,7 +28,21 @@ def run(*args, cwd=REPO_ROOT):
 def test_help(script, tmp_path):
     result = run(REPO_ROOT / script, "--help", cwd=tmp_path)  # from another folder: scripts find the repo themselves
     assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
+    assert "usage:" in result.stdout and "``" not in result.stdout  # plain text, no reStructuredText markup
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_before_torch_and_ray_load(script):
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = [sys.argv[1], '--help']\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as done:\n    assert done.code == 0\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'sentence_transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    result = run("-c", code, REPO_ROOT / script)
+    assert result.returncode == 0, result.stderr
 
 
 def test_main_rejects_bad_key_and_missing_data_before_ray(tmp_path):

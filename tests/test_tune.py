@@ -27,6 +27,7 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
         },
     )
     experiment = run_experiment(validate(raw), raw)
+    assert "To visualize your results with TensorBoard" not in capsys.readouterr().out  # Tune's hint names no events
 
     best = json.loads((experiment / "best.json").read_text())
     assert best["metric"] == "val/t2a_mAP@10" and best["trial_params"]["optimizer.lr"] in (0.003, 0.0001)
@@ -39,6 +40,7 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
     assert len(trials) == 2
     for trial in trials:  # num_to_keep=1: only the best epoch's checkpoint survives
         assert len(list(trial.glob("checkpoint_*"))) == 1
+        assert len(list(trial.glob("events.out.tfevents.*"))) == 1 and (trial / "result.json").is_file()
         progress = pd.read_csv(trial / "progress.csv")
         assert progress["epoch"].tolist() == [1, 2]
     trial_progress = pd.concat(pd.read_csv(t / "progress.csv") for t in trials)
@@ -99,7 +101,6 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
     assert retrieve(Path(best["model"]), [member], [caption], "validation", 12, "cpu").shape == (12, 60)
     printed = capsys.readouterr().out
     assert f"[query]  {member.name}" in printed and f"[gallery]  {member.name}" not in printed  # listed once
-    assert f"[query]  {caption}" in printed and f"[gallery]  {caption}" not in printed
 
 
 def test_every_config_search_kind_maps_to_a_ray_domain():

@@ -1,4 +1,5 @@
-"""What every command-line script shares: console logging and one-line errors for bad input."""
+"""What the command-line scripts share: their parsers' common options, console logging and one-line
+errors for bad input. Torch-free: scripts build and check their command line before loading torch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from utils.config_files import load_raw, set_path
 from utils.errors import InputError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf.yaml"
-SPLITS = ("development", "validation", "evaluation")  # Clotho's split names, the scripts' default
+SPLITS = ("development", "validation", "evaluation")  # Clotho's split names, which the demo dataset uses too
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def make_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser, its ``--help`` opening with the script's docstring as plain text (no ``markup``)."""
+    return argparse.ArgumentParser(
+        description=(doc or "").replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, override_example: str) -> None:
     """What every dataset script takes: the config (whose ``section`` it reads) with dotted overrides,
     ``--dataset-dir`` (default: the config's ``data.dataset_dir``) and ``--splits`` (default: the config's
@@ -69,6 +77,20 @@ def raw_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset_dir is not None:
         set_path(raw, "data.dataset_dir", str(args.dataset_dir.resolve()))
     return raw
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model to score, the split and the output folder; ``xmodal_scores.py`` and ``xmodal_retrieval.py``."""
+    add_model_arguments(parser)
+    parser.add_argument("--split", help="split to score (default: the model config's data.eval_split)")
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="score a randomly initialised model with the same config (chance reference)",
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, help="output folder (default: the experiment folder, or the checkpoint's folder)"
+    )
 
 
 @contextmanager
