@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         metavar="EXPERIMENT_DIR",
-        help="continue an interrupted experiment (default: the newest under ray_conf.storage_path); "
-        "it keeps its own saved config",
+        help="continue an interrupted experiment (default: the newest run of the config's experiment); "
+        "it keeps its own saved config, so overrides are ignored",
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. param_conf.batch_size=64 optimizer.lr=0.0005"
@@ -100,6 +100,8 @@ def main() -> None:
         config, raw = load_config(args.config, args.overrides)
         try:
             if args.resume:
+                if args.overrides:
+                    log.warning("--resume keeps the experiment's saved config: ignoring %s", " ".join(args.overrides))
                 folder = None if args.resume == "latest" else Path(args.resume)
                 resume_experiment(folder, config.ray_conf.storage_path, config.experiment, args.address)
             else:
@@ -173,7 +175,7 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
                 raise ConfigError(
                     f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
                 )
-        check_split(data.dataset_dir, split, config.features)
+        check_split(data.dataset_dir, split, config.features, config.text_embeddings)
     # a missing or mismatched pretrained weight file fails here, not in every trial
     build_model(config, torch.device("cpu"))
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:

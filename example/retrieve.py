@@ -17,7 +17,7 @@ from pathlib import Path
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import add_model_arguments, exit_on_input_error, make_parser
+from utils.cli import add_model_arguments, exit_on_input_error, make_parser, setup_logging
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CAPTIONS = [
@@ -58,6 +58,7 @@ from utils.data import pad_logmels
 from utils.experiments import find_model
 from utils.inference import encode_split
 from utils.runtime import resolve_device
+from utils.stores import check_split
 from utils.text import load_sentence_model
 
 
@@ -66,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.top < 1:
         parser.error("--top must be at least 1")
+    setup_logging()
     with exit_on_input_error():
         model_path, _ = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         retrieve(model_path, args.audio, args.caption, args.gallery, args.top, args.device)
@@ -94,10 +96,11 @@ def retrieve(
     audio_names = [(p.name, "query") for p in audio_files]
     texts = [(c, "query") for c in captions]
     if gallery:
+        check_split(config.data.dataset_dir, gallery, config.features, config.text_embeddings)
         split = encode_split(model, config.data.dataset_dir, gallery, target)
         queried = {p.resolve() for p in audio_files}
-        folder = (config.data.dataset_dir / gallery).resolve()
-        clips = [i for i, name in enumerate(split.fnames) if folder / name not in queried]
+        folder = config.data.dataset_dir / gallery
+        clips = [i for i, name in enumerate(split.fnames) if (folder / name).resolve() not in queried]
         lines = [j for j, caption in enumerate(split.captions) if caption not in captions]
         audio = torch.cat([audio, split.audio[clips].to(target)])
         text = torch.cat([text, split.text[lines].to(target)])

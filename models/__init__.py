@@ -17,6 +17,10 @@ _HOMES = {
     "SentBERTBaseEncoder": "models.text_encoders",
     "LOSSES": "models.losses",
     "LogSoftmaxLoss": "models.losses",
+    "ClipLoss": "models.losses",
+    "PROJECTIONS": "models.heads",
+    "LinearProjection": "models.heads",
+    "MLPProjection": "models.heads",
     "DualEncoderModel": "models.dual_encoder",
     "create_model": "models.dual_encoder",
 }

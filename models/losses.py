@@ -1,4 +1,12 @@
-"""Contrastive losses for audio-text dual encoders, one registry (``criterion.name`` in the config)."""
+"""Contrastive losses for audio-text dual encoders, one registry (``criterion.name`` in the config).
+
+Every loss is called as ``loss(audio_embeds, text_embeds, audio_ids)``: it scores every pair of
+the batch and divides by its temperature, then ``loss.from_scores(scores, audio_ids)`` takes
+over. ``from_scores`` also accepts a ``(B, B)`` matrix of pair scores made any other way
+(already scaled), such as those of a pooling head that sees both modalities. A learnable
+temperature lives with the model (``DualEncoderModel.logit_scale``) and is passed in as
+``logit_scale``, replacing the loss's fixed ``1 / temperature``.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +32,36 @@ def similarity(audio_embeds: torch.Tensor, text_embeds: torch.Tensor, dist: Dist
     return audio_embeds @ text_embeds.T
 
 
+class ContrastiveLoss(nn.Module):
+    """What the losses share: the config, pair scoring and the fixed or learnable temperature."""
+
+    Config: type[StrictModel]
+
+    def __init__(self, config: StrictModel | None = None, **fields: object) -> None:
+        super().__init__()
+        self.config = configured(self.Config, config, fields)
+
+    def forward(
+        self,
+        audio_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        audio_ids: torch.Tensor,
+        logit_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``audio_embeds``, ``text_embeds``: ``(N, E)`` row-aligned pairs; ``audio_ids``: ``(N,)`` clip of
+        each row; ``logit_scale``: a learnable ``1 / temperature`` (scalar) that replaces the config's."""
+        scale = logit_scale if logit_scale is not None else 1.0 / self.config.temperature
+        # scores[i, j] = s(audio_i, text_j) * scale, shape (N, N)
+        return self.from_scores(similarity(audio_embeds, text_embeds, self.config.dist) * scale, audio_ids)
+
+    def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
+        """The loss of a ``(N, N)`` matrix of scaled pair scores (row: audio i, column: text j, the
+        diagonal the given pairs) whose rows came from clips ``audio_ids`` ``(N,)``."""
+        raise NotImplementedError
+
+
 @LOSSES.register
-class LogSoftmaxLoss(nn.Module):
+class LogSoftmaxLoss(ContrastiveLoss):
     """Symmetric InfoNCE loss of the DCASE 2023 Task 6B baseline, vectorised.
 
     For anchor pair i the candidates are every row whose audio clip differs from row i's,
@@ -39,15 +75,8 @@ class LogSoftmaxLoss(nn.Module):
         temperature: float = Field(0.07, gt=0)  # scores are divided by it: 0 would give inf logits
         dist: Distance = "dot_product"
 
-    def __init__(self, config: Config | None = None, **fields: object) -> None:
-        super().__init__()
-        self.config = configured(self.Config, config, fields)
-
-    def forward(self, audio_embeds: torch.Tensor, text_embeds: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
-        """``audio_embeds``, ``text_embeds``: ``(N, E)`` row-aligned pairs; ``audio_ids``: ``(N,)`` clip of each row."""
-        n = audio_embeds.size(0)
-        # scores[i, j] = s(audio_i, text_j) / T, shape (N, N)
-        scores = similarity(audio_embeds, text_embeds, self.config.dist) / self.config.temperature
+    def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
+        n = scores.size(0)
         eye = torch.eye(n, dtype=torch.bool, device=scores.device)
         # candidates[i, j]: j is a negative of anchor i (different clip) or j is i itself
         candidates = (audio_ids[:, None] != audio_ids[None, :]) | eye
@@ -57,3 +86,21 @@ class LogSoftmaxLoss(nn.Module):
         loss_a2t = torch.logsumexp(masked_a2t, dim=1) - positive
         loss_t2a = torch.logsumexp(masked_t2a, dim=1) - positive
         return (loss_a2t + loss_t2a).sum() / n
+
+
+@LOSSES.register
+class ClipLoss(ContrastiveLoss):
+    """CLIP's symmetric cross-entropy (open_clip's definition): row i's positive is column i and every
+    other column of the batch is a negative, audio->text and text->audio, each averaged over the
+    rows, then the two averaged. A batch holding two captions of one clip therefore counts the
+    other caption as a negative; ``LogSoftmaxLoss`` does not, which is why it is the Clotho default.
+    """
+
+    class Config(StrictModel):
+        name: Literal["ClipLoss"] = "ClipLoss"
+        temperature: float = Field(0.07, gt=0)  # CLIP's initial temperature
+        dist: Distance = "dot_product"
+
+    def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
+        targets = torch.arange(scores.size(0), device=scores.device)  # (N,): the diagonal
+        return (F.cross_entropy(scores, targets) + F.cross_entropy(scores.T, targets)) / 2

@@ -3,8 +3,9 @@
 Computes mAP@10 and R@1/5/10 for text-to-audio and audio-to-text retrieval from the score
 matrix of ``xmodal_scores.py`` (computed first when missing), prints a table and writes
 ``retrieval_metrics.json`` and ``{split}.t2a_retrieval.csv`` (caption, then the top-10 file
-names) into the experiment folder. With no arguments it evaluates the latest experiment's
-best model on the evaluation split. Also runs as ``python -m postprocessing.xmodal_retrieval``.
+names) into the experiment folder. With no arguments it evaluates the best model of the newest
+finished run of the config's experiment on the evaluation split. Also runs as
+``python -m postprocessing.xmodal_retrieval``.
 """
 
 from __future__ import annotations

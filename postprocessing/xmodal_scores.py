@@ -1,7 +1,7 @@
 """Embed every clip and caption of a split once and save the ``(n_audio, n_captions)`` score matrix.
 
 With no arguments it scores the evaluation split with the model exported to ``best/`` by
-the latest experiment and writes ``{split}_scores.h5`` into that experiment's folder.
+the newest finished run of the config's experiment and writes ``{split}_scores.h5`` into that experiment's folder.
 ``--untrained`` scores a freshly initialised model of the same config instead: the
 chance-level reference. Also runs as ``python -m postprocessing.xmodal_scores``.
 """
@@ -57,7 +57,8 @@ def embed_with_model(model_path: Path, split: str, untrained: bool, device: str 
         model = build_model(config, target).eval()
     else:
         model, _ = load_trained_model(model_path, target)
-    check_split(config.data.dataset_dir, split, config.features)  # scored with the features the model was trained on
+    # scored with the features and caption embeddings the model was trained on
+    check_split(config.data.dataset_dir, split, config.features, config.text_embeddings)
     log.info(
         "embedding %s split of %s with the %s model on %s",
         split,

@@ -438,3 +438,17 @@ def test_damaged_best_json_is_one_line(tmp_path):
     (tmp_path / "best.json").write_text('{"model": ')
     result = run_script(REPO_ROOT / "postprocessing" / "xmodal_retrieval.py", "--best", tmp_path / "best.json")
     assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'best.json'}: not valid JSON")
+
+
+def test_caption_embeddings_of_another_model_or_column_are_refused(tiny_dataset):
+    config = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={tiny_dataset}"]))
+    check_split(tiny_dataset, "validation", config.features, config.text_embeddings)  # in step
+    for change, said in [
+        (
+            {"caption_column": "text"},
+            "from the raw_text column, the config asks for sentence-transformers/all-MiniLM-L6-v2 on text",
+        ),
+        ({"model_name": "all-mpnet-base-v2"}, "the config asks for all-mpnet-base-v2 on raw_text"),
+    ]:
+        with pytest.raises(DatasetError, match=re.escape(said) + r"; rerun preprocessing/sbert_embeddings\.py"):
+            check_split(tiny_dataset, "validation", config.features, config.text_embeddings.model_copy(update=change))

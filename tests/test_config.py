@@ -136,3 +136,19 @@ def test_numbers_are_numbers_everywhere_a_config_is_read(tmp_path):
 def test_one_trial_without_a_search(value):
     config, _ = load_config(CONF, [f"ray_conf.search_space={value}"])
     assert config.ray_conf.search_space == {}
+
+
+def test_paths_a_search_chooses_between_resolve_against_the_config_file():
+    config, _ = load_config(CONF, ["ray_conf.search_space={data.dataset_dir: {grid: [data/a, /elsewhere/b]}}"])
+    assert config.ray_conf.search_space["data.dataset_dir"]["grid"] == [str(REPO_ROOT / "data" / "a"), "/elsewhere/b"]
+
+
+def test_signed_and_exponent_numbers_and_a_missing_section_named():
+    from utils.config_files import safe_yaml, validate_section
+    from utils.stores import DataConfig
+
+    assert safe_yaml("[-.5, +.5e-3, 1e-4, 5E+3, 3, x1e4]", "test") == [-0.5, 0.0005, 1e-4, 5000.0, 3, "x1e4"]
+    with pytest.raises(ConfigError, match=r"^invalid config: data: Input should be a valid dictionary"):
+        validate_section({"data": None}, "data", DataConfig)
+    with pytest.raises(ConfigError, match=r"experiment: String should match pattern"):
+        load_config(CONF, ["experiment=a/b"])

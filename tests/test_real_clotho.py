@@ -116,3 +116,4 @@ def test_readme_real_clotho_route_from_the_release_files_to_a_submission(tmp_pat
     assert 0 <= metrics["t2a"]["mAP@10"] <= 1
     assert f"using experiment {experiment}" in outputs["postprocessing/xmodal_retrieval.py"]
     assert "[gallery]" not in outputs["example/retrieve.py"] and "A dog barks" in outputs["example/retrieve.py"]
+    assert f"using experiment {experiment}" in outputs["example/retrieve.py"]

@@ -21,7 +21,11 @@ SPLITS = ("development", "validation", "evaluation")  # Clotho's split names, wh
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which trained model a script uses (``utils.experiments.find_model``) and where it runs; without
     ``--device`` the model's own config decides."""
-    parser.add_argument("--best", type=Path, help="best.json of an experiment (default: the latest experiment's)")
+    parser.add_argument(
+        "--best",
+        type=Path,
+        help="best.json of an experiment (default: that of the newest finished run of --experiment)",
+    )
     parser.add_argument(
         "--checkpoint", type=Path, help="a checkpoint.pt or exported model folder instead of best.json's"
     )
@@ -86,7 +90,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--untrained",
         action="store_true",
-        help="score a randomly initialised model with the same config (chance reference)",
+        help="score a new model of the same config instead: random heads and trainable towers, pretrained "
+        "weights where the config names them (the chance reference)",
     )
     parser.add_argument(
         "--out-dir", type=Path, help="output folder (default: the experiment folder, or the checkpoint's folder)"

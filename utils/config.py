@@ -53,15 +53,45 @@ SEARCH_SPACE_KINDS = {
 }
 
 
+ParameterGroup = Literal["heads", "audio_encoder", "text_encoder", "logit_scale"]  # DualEncoderModel.parameter_groups
+
+
+class GroupSettings(StrictModel):
+    """Learning rate and weight decay of one part of the model; unset values are the optimizer's."""
+
+    lr: PositiveFloat | None = None
+    weight_decay: NonNegativeFloat | None = None
+
+
 class OptimizerConfig(StrictModel):
-    """The ``optimizer`` section: a ``torch.optim`` optimizer over the trainable parameters."""
+    """The ``optimizer`` section: a ``torch.optim`` optimizer over the trainable parameters, with
+    optional settings per part (``param_groups.audio_encoder.lr: 4e-6``; the learnable temperature
+    gets no weight decay unless its group sets one, as in open_clip)."""
 
     name: Literal["Adam", "AdamW"] = "Adam"
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's; LAION CLAP's paper states (0.99, 0.9)
+    param_groups: dict[ParameterGroup, GroupSettings] = {}
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_are_probabilities(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(betas)}")
+        return betas
+
+    def group(self, name: str) -> dict[str, float]:
+        """``{"lr", "weight_decay"}`` of the part ``name``."""
+        own = self.param_groups.get(name, GroupSettings())
+        default_decay = 0.0 if name == "logit_scale" else self.weight_decay
+        return {
+            "lr": own.lr if own.lr is not None else self.lr,
+            "weight_decay": own.weight_decay if own.weight_decay is not None else default_decay,
+        }
 
 
-class LRSchedulerConfig(StrictModel):
+class ReduceLROnPlateauConfig(StrictModel):
     """``torch.optim.lr_scheduler.ReduceLROnPlateau`` stepped on the validation loss each epoch
     (the DCASE 2023 baseline's settings)."""
 
@@ -74,12 +104,43 @@ class LRSchedulerConfig(StrictModel):
     min_lr: NonNegativeFloat = 1e-6
 
 
+class WarmupScheduleConfig(StrictModel):
+    """Linear warmup from 0 to each group's lr, then decay to ``min_lr_ratio`` x lr at the last step,
+    stepped after every optimizer step. The warmup is ``warmup_steps``, or ``warmup_epochs`` when set."""
+
+    warmup_steps: NonNegativeInt = 0
+    warmup_epochs: NonNegativeFloat | None = None
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class CosineWithWarmupConfig(WarmupScheduleConfig):
+    """Warmup, then cosine decay (CLAP, salsa)."""
+
+    name: Literal["CosineWithWarmup"] = "CosineWithWarmup"
+
+
+class LinearWithWarmupConfig(WarmupScheduleConfig):
+    """Warmup, then linear decay (the Hugging Face ``Trainer`` default)."""
+
+    name: Literal["LinearWithWarmup"] = "LinearWithWarmup"
+
+
+LRSchedulerConfig = Annotated[
+    Union[ReduceLROnPlateauConfig, CosineWithWarmupConfig, LinearWithWarmupConfig],  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
 class ParamConfig(StrictModel):
     """Per-trial training parameters (``param_conf`` in the DCASE baseline)."""
 
     num_epochs: PositiveInt  # no default: how long to train is each experiment's choice
     batch_size: int = Field(32, gt=1)  # InfoNCE needs at least one negative
     num_workers: NonNegativeInt = 0
+    # gradients of this many batches are summed before a step (the negatives stay those of one batch)
+    accumulate_grad_batches: PositiveInt = 1
+    clip_grad_norm: PositiveFloat | None = None  # max L2 norm of all gradients, None: no clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision on CUDA; the CPU runs fp32
 
 
 SearchSpace = dict[str, dict[str, list[Any]]]  # dotted config path -> {kind: arguments}
@@ -184,7 +245,7 @@ class RayConfig(StrictModel):
 class Config(StrictModel):
     """The whole resolved experiment configuration, saved inside every checkpoint."""
 
-    experiment: str  # no default: the name of each experiment's folders
+    experiment: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")  # no default: names the runs' folders <experiment>_<time>
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the only place the device is chosen
     data: DataConfig
@@ -193,7 +254,7 @@ class Config(StrictModel):
     model: DualEncoderModel.Config
     criterion: LOSSES.config_union()
     optimizer: OptimizerConfig = OptimizerConfig()
-    lr_scheduler: LRSchedulerConfig = LRSchedulerConfig()
+    lr_scheduler: LRSchedulerConfig = ReduceLROnPlateauConfig()
     param_conf: ParamConfig
     ray_conf: RayConfig
 

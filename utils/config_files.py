@@ -20,7 +20,8 @@ from utils.errors import ConfigError
 
 class YamlSafeLoader(yaml.SafeLoader):
     """The safe loader (plain data only: no ``!!python`` tags, nothing executed), reading numbers as
-    people write them: YAML 1.1 reads ``1e-4`` as a string, YAML 1.2 (and this loader) as a float."""
+    people write them: YAML 1.1 reads ``1e-4``, ``5E+3`` or ``-.5`` as strings, this loader (like
+    YAML 1.2) as floats. Everything else is YAML 1.1 as PyYAML reads it."""
 
 
 YamlSafeLoader.add_implicit_resolver(
@@ -28,7 +29,7 @@ YamlSafeLoader.add_implicit_resolver(
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.VERBOSE,
@@ -130,10 +131,22 @@ def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dic
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} must hold a mapping of config sections")
     raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))
-    for dotted in _PATH_KEYS:
-        value = get_path(raw, dotted)
+
+    def absolute(value: Any) -> Any:
         if isinstance(value, str) and "://" not in value:
-            set_path(raw, dotted, str((config_path.parent / Path(value).expanduser()).resolve()))
+            return str((config_path.parent / Path(value).expanduser()).resolve())
+        return value
+
+    for dotted in _PATH_KEYS:
+        if isinstance(get_path(raw, dotted), str):
+            set_path(raw, dotted, absolute(get_path(raw, dotted)))
+    # paths a search chooses between, e.g. {data.dataset_dir: {grid: [data/a, data/b]}}
+    for dotted, spec in (get_path(raw, "ray_conf.search_space") or {}).items():
+        if dotted in _PATH_KEYS and isinstance(spec, dict):
+            raw["ray_conf"]["search_space"][dotted] = {
+                kind: [absolute(v) for v in values] if isinstance(values, list) else values
+                for kind, values in spec.items()
+            }
     return raw
 
 
@@ -182,7 +195,7 @@ def validation_message(err: ValidationError, raw: Any, schema: type[BaseModel], 
             *section, key = path.split(".")
             close = difflib.get_close_matches(key, section_keys(schema, section, raw), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-        where = f"{prefix}{path}: " if path else ""
+        where = f"{prefix}{path}: " if path else (f"{prefix.rstrip('.')}: " if prefix else "")
         lines.append(f"{where}{message}{hint}")
     return "invalid config: " + "; ".join(lines)
 

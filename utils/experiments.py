@@ -24,13 +24,12 @@ def new_experiment_name(experiment: str) -> str:
     return f"{experiment}_{time.strftime(FOLDER_TIME)}"
 
 
-def latest_experiment_file(storage_path: str | Path, file_name: str, experiment: str | None = None) -> Path | None:
-    """The most recently written ``<storage_path>/<folder>/<file_name>`` of a run of ``experiment`` (of any
-    experiment when None), or None when there is none."""
+def latest_experiment_file(storage_path: str | Path, file_name: str, experiment: str) -> Path | None:
+    """The most recently written ``<storage_path>/<experiment>_<time>/<file_name>``, or None when there is none."""
     candidates = [
         path
         for path in Path(storage_path).glob(f"*/{file_name}")
-        if experiment is None or (m := FOLDER_NAME.match(path.parent.name)) and m["experiment"] == experiment
+        if (m := FOLDER_NAME.match(path.parent.name)) and m["experiment"] == experiment
     ]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 

@@ -3,7 +3,8 @@
 A dataset folder follows Clotho's layout, plus the files preprocessing writes::
 
     <dataset_dir>/{split}/*.wav              audio clips
-    <dataset_dir>/{split}_captions.csv       fname,raw_text,text (any captions per clip)
+    <dataset_dir>/clotho_captions_{split}.csv  file_name,caption_1..5 (Clotho as downloaded), or
+    <dataset_dir>/{split}_captions.csv       fname,raw_text[,text] (any captions per clip)
     <dataset_dir>/{split}_audio.csv          fid,fname,duration       (clotho_dataset.py)
     <dataset_dir>/{split}_text.csv           cid,fid,fname,raw_text,text
     <dataset_dir>/{split}_logmel.h5          log-mels of every clip   (audio_logmel.py)
@@ -29,8 +30,9 @@ import pandas as pd
 from models.registry import StrictModel
 from utils.errors import DatasetError
 
-if TYPE_CHECKING:  # only a type here: importing utils.audio would load the audio libraries
+if TYPE_CHECKING:  # only types here: importing utils.audio would load the audio libraries
     from utils.audio import FeatureConfig
+    from utils.text import TextEmbeddingConfig
 
 CAPTION_COLUMNS = ("fname", "raw_text", "text")  # one caption per row; `text` may be left out
 RELEASE_COLUMNS = ("file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5")  # Clotho as downloaded
@@ -162,10 +164,13 @@ def atomic_h5(target: Path) -> Iterator[h5py.File]:
         yield f
 
 
-def check_split(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
+def check_split(
+    dataset_dir: Path, split: str, features: FeatureConfig, text_embeddings: TextEmbeddingConfig | None = None
+) -> None:
     """Refuse a split whose stores are out of step with its tables or the config: log-mels made
     from another clip list (clip ids are positions in the sorted names, so one added file shifts
-    them) or with other ``features``, or caption embeddings missing captions of the table."""
+    them) or with other ``features``, caption embeddings missing captions of the table, or (given
+    ``text_embeddings``) made by another text model or from the other caption column."""
     store, table = logmel_file(dataset_dir, split), audio_table(dataset_dir, split)
     audio = read_table(table, AUDIO_COLUMNS)
     with h5py.File(require_file(store, "preprocessing/audio_logmel.py"), "r") as f:
@@ -191,6 +196,14 @@ def check_split(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
     embeds = text_embeds_file(dataset_dir, split)
     with h5py.File(require_file(embeds, "preprocessing/sbert_embeddings.py"), "r") as f:
         embedded = set(f["cid"][:].tolist())
+        # stores from before the caption_column setting embedded the `text` column
+        made_by = (str(f.attrs["model_name"]), str(f.attrs.get("caption_column", "text")))
+    if text_embeddings is not None and made_by != (text_embeddings.model_name, text_embeddings.caption_column):
+        raise DatasetError(
+            f"{embeds}: made by {made_by[0]} from the {made_by[1]} column, the config asks for "
+            f"{text_embeddings.model_name} on {text_embeddings.caption_column}; "
+            "rerun preprocessing/sbert_embeddings.py with this config"
+        )
     missing = sorted(set(read_table(text_table(dataset_dir, split), TEXT_COLUMNS)["cid"].tolist()) - embedded)
     if missing:
         raise DatasetError(

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
 from models.weights import load_weights
 from utils.checkpoints import build_model, load_checkpoint, save_checkpoint
-from utils.config import Config, LRSchedulerConfig, OptimizerConfig
+from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
 from utils.data import CaptionPairs, pair_loader
 from utils.distributed import gather_batch, world
 from utils.inference import encode_split
@@ -26,27 +30,60 @@ log = logging.getLogger(__name__)
 # report(metrics, checkpoint_dir): called once per epoch; the folder is deleted after the call returns.
 # In a data-parallel run only rank 0 writes a checkpoint; the other ranks get None.
 ReportFn = Callable[[dict[str, float], Path | None], None]
+PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_optimizer(parameters: Iterable[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
-    """The ``optimizer`` section's ``torch.optim`` class over the trainable ``parameters``."""
-    optimizer_class = getattr(torch.optim, config.name)
-    return optimizer_class([p for p in parameters if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+def make_optimizer(model: DualEncoderModel, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The ``optimizer`` section's ``torch.optim`` class with one parameter group per trainable part of the
+    model (``heads`` first), each with its own lr and weight decay (``OptimizerConfig.group``)."""
+    groups = [
+        {"params": params, "name": name, **config.group(name)} for name, params in model.parameter_groups().items()
+    ]
+    return getattr(torch.optim, config.name)(groups, lr=config.lr, betas=config.betas)
+
+
+@dataclass
+class Schedule:
+    """An lr scheduler and when it steps: after every optimizer step, or once per epoch on the validation loss."""
+
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    per_step: bool
+
+
+def warmup_then_decay(step: int, warmup: int, total: int, shape: str, floor: float) -> float:
+    """The lr factor at optimizer step ``step``: linear from 0 to 1 over ``warmup`` steps, then cosine or
+    linear from 1 down to ``floor`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "CosineWithWarmup" else 1 - progress
+    return floor + (1 - floor) * decay
 
 
 def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, config: LRSchedulerConfig
-) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """``ReduceLROnPlateau`` with the ``lr_scheduler`` section's settings, stepped on the validation loss."""
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode=config.mode,
-        factor=config.factor,
-        patience=config.patience,
-        threshold=config.threshold,
-        threshold_mode=config.threshold_mode,
-        min_lr=config.min_lr,
-    )
+    optimizer: torch.optim.Optimizer, config: LRSchedulerConfig, steps_per_epoch: int, num_epochs: int
+) -> Schedule:
+    """``ReduceLROnPlateau`` on the validation loss, or warmup followed by cosine or linear decay per step."""
+    if config.name == "ReduceLROnPlateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode=config.mode,
+            factor=config.factor,
+            patience=config.patience,
+            threshold=config.threshold,
+            threshold_mode=config.threshold_mode,
+            min_lr=config.min_lr,
+        )
+        return Schedule(plateau, per_step=False)
+    total = steps_per_epoch * num_epochs
+    warmup = round(config.warmup_epochs * steps_per_epoch) if config.warmup_epochs is not None else config.warmup_steps
+    factor = lambda step: warmup_then_decay(step, min(warmup, total), total, config.name, config.min_lr_ratio)
+    return Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
+
+
+def unwrap(model: nn.Module) -> DualEncoderModel:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def run_epoch(
@@ -55,41 +92,80 @@ def run_epoch(
     criterion: nn.Module,
     device: torch.device,
     optimizer: torch.optim.Optimizer | None = None,
+    params: ParamConfig | None = None,
+    schedule: Schedule | None = None,
 ) -> float:
     """Mean loss over ``loader``; trains when an optimizer is given, else only evaluates.
 
-    In a data-parallel run the loss of each training step is taken over the global batch:
-    every worker's embeddings are gathered, so the negatives are those of all workers.
+    Training follows ``params``: gradients summed over ``accumulate_grad_batches`` batches, clipped
+    to ``clip_grad_norm``, autocast to ``precision`` on CUDA; a per-step ``schedule`` steps after
+    every optimizer step and a learnable temperature is clamped after it. In a data-parallel run the
+    loss of each training step is taken over the global batch: every worker's embeddings are
+    gathered, so the negatives are those of all workers.
     """
     training = optimizer is not None
+    params = params or ParamConfig(num_epochs=1)
     model.train(training)
+    base = unwrap(model)
+    autocast = contextlib.nullcontext()
+    if device.type == "cuda" and params.precision in PRECISION:
+        autocast = torch.autocast("cuda", dtype=PRECISION[params.precision])
+    scaler = torch.amp.GradScaler("cuda", enabled=training and device.type == "cuda" and params.precision == "fp16")
     total, batches = 0.0, 0
     with torch.set_grad_enabled(training):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            audio, text = model(batch["logmels"], batch["lengths"], batch["text_embeds"])  # (B, E) each
+            with autocast:
+                audio, text = model(batch["logmels"], batch["lengths"], batch["text_embeds"])  # (B, E) each
             audio_ids = batch["audio_ids"]  # (B,)
             if training:
                 audio, text, audio_ids = gather_batch(audio, text, audio_ids)
-            loss = criterion(audio, text, audio_ids)
+            loss = criterion(audio.float(), text.float(), audio_ids, logit_scale=base.scale())
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} after {batches} batches; lower the learning rate or check the features"
                 )
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
             total += loss.item()
             batches += 1
+            if training:
+                scaler.scale(loss / params.accumulate_grad_batches).backward()
+                if batches % params.accumulate_grad_batches == 0:
+                    step(model, optimizer, scaler, params.clip_grad_norm, schedule)
+    if training and batches % params.accumulate_grad_batches:  # the last, shorter accumulation
+        step(model, optimizer, scaler, params.clip_grad_norm, schedule)
     return total / max(batches, 1)
 
 
-def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> None:
-    """Train one configuration: Adam + ReduceLROnPlateau, one ``report`` per epoch.
+def step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    clip_grad_norm: float | None,
+    schedule: Schedule | None,
+) -> None:
+    """One optimizer step on the accumulated gradients: unscale, clip, step, zero, then the per-step
+    schedule and the clamp of a learnable temperature (open_clip clamps ``logit_scale`` the same way)."""
+    if clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if schedule is not None and schedule.per_step:
+        schedule.scheduler.step()
+    base = unwrap(model)
+    if base.max_logit_scale is not None:
+        with torch.no_grad():
+            base.logit_scale.clamp_(max=math.log(base.max_logit_scale))
 
-    Every epoch reports ``train/loss``, ``val/loss`` and the validation retrieval metrics
-    (``val/t2a_mAP@10``, ...) with a checkpoint. The evaluation split is never touched.
+
+def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> None:
+    """Train one configuration, one ``report`` per epoch.
+
+    Every epoch reports ``train/loss``, ``val/loss``, the lr of each parameter group
+    (``train/lr`` for the heads, ``train/lr_<group>`` for the others), ``train/temperature`` when
+    it is learnable, and the validation retrieval metrics (``val/t2a_mAP@10``, ...) with a
+    checkpoint. The evaluation split is never touched.
 
     Inside a ``torch.distributed`` process group (one process per worker) the model is wrapped
     in DDP, each worker trains on its shard with ``batch_size / world size`` pairs per step,
@@ -101,7 +177,9 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     data, params = config.data, config.param_conf
     world_size, rank = world()
     for split in (data.train_split, data.val_split):
-        check_split(data.dataset_dir, split, config.features)
+        check_split(data.dataset_dir, split, config.features, config.text_embeddings)
+    if params.precision != "fp32" and device.type != "cuda":
+        log.warning("param_conf.precision %s applies on CUDA only; training in fp32 on %s", params.precision, device)
     train_loader = pair_loader(
         CaptionPairs(data.dataset_dir, data.train_split),
         params.batch_size // world_size,
@@ -121,12 +199,13 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
     model = build_model(config, device)
     criterion = LOSSES.build(config.criterion)
-    optimizer = make_optimizer(model.parameters(), config.optimizer)
-    lr_scheduler = make_lr_scheduler(optimizer, config.lr_scheduler)
+    optimizer = make_optimizer(model, config.optimizer)
+    steps_per_epoch = math.ceil(len(train_loader) / params.accumulate_grad_batches)
+    schedule = make_lr_scheduler(optimizer, config.lr_scheduler, steps_per_epoch, params.num_epochs)
 
     first_epoch = 1
     if resume_from is not None:
-        first_epoch = restore(resume_from, model, optimizer, lr_scheduler, config) + 1
+        first_epoch = restore(resume_from, model, optimizer, schedule, config) + 1
         log.info("resumed from %s at epoch %d", resume_from, first_epoch)
     # DDP broadcasts rank 0's (possibly restored) weights to every worker when it wraps the model.
     trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -136,17 +215,17 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         for epoch in range(first_epoch, params.num_epochs + 1):
             if world_size > 1:
                 train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every worker
-            train_loss = run_epoch(trained, train_loader, criterion, device, optimizer)
+            lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}  # the lrs this epoch starts with
+            train_loss = run_epoch(trained, train_loader, criterion, device, optimizer, params, schedule)
             val_loss = run_epoch(model, val_loader, criterion, device)
             val = encode_split(model, data.dataset_dir, data.val_split, device, params.batch_size)
-            metrics = {
-                "epoch": epoch,
-                "train/loss": train_loss,
-                "val/loss": val_loss,
-                "train/lr": optimizer.param_groups[0]["lr"],
-                **flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val"),
-            }
-            lr_scheduler.step(val_loss)
+            metrics = {"epoch": epoch, "train/loss": train_loss, "val/loss": val_loss, "train/lr": lrs.pop("heads")}
+            metrics |= {f"train/lr_{name}": lr for name, lr in lrs.items()}
+            if model.scale() is not None:
+                metrics["train/temperature"] = 1.0 / model.scale().item()
+            metrics |= flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val")
+            if not schedule.per_step:
+                schedule.scheduler.step(val_loss)
             log.info(
                 "epoch %d: train/loss %.4f val/loss %.4f val/t2a_mAP@10 %.4f",
                 epoch,
@@ -158,7 +237,7 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
                 report(metrics, None)
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(Path(folder), model, optimizer, lr_scheduler, config, epoch, metrics)
+                save_checkpoint(Path(folder), model, optimizer, schedule.scheduler, config, epoch, metrics)
                 report(metrics, Path(folder))
     except torch.OutOfMemoryError:
         # The trial fails with advice; other trials run in their own processes and go on.
@@ -170,22 +249,23 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
 
 def restore(
-    checkpoint: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    config: Config,
+    checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, config: Config
 ) -> int:
     """Load a checkpoint's model, optimizer and scheduler state; returns the epoch it was saved after.
 
-    Population based training restarts a trial from another trial's checkpoint with a perturbed
-    lr: the restored optimizer state would keep the old one, so the config's lr wins.
+    Population based training restarts a trial from another trial's checkpoint with perturbed
+    values: the restored optimizer state would keep the old lrs, so the config's lrs win.
     """
     state = load_checkpoint(checkpoint)
     load_weights(model, state["model"], str(checkpoint))
     optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["scheduler"])
-    if state["config"]["optimizer"]["lr"] != config.optimizer.lr:
-        for group in optimizer.param_groups:
-            group["lr"] = config.optimizer.lr
+    schedule.scheduler.load_state_dict(state["scheduler"])
+    if state["config"]["optimizer"] != config.optimizer.model_dump(mode="json"):
+        lrs = [config.optimizer.group(group["name"])["lr"] for group in optimizer.param_groups]
+        if schedule.per_step:  # a per-step schedule scales the lr each group started from
+            scheduler = schedule.scheduler
+            scheduler.base_lrs = lrs
+            lrs = [lr * factor(scheduler.last_epoch) for lr, factor in zip(lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
     return state["epoch"]
