@@ -50,9 +50,9 @@ class ContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """``audio_embeds``, ``text_embeds``: ``(N, E)`` row-aligned pairs; ``audio_ids``: ``(N,)`` clip of
         each row; ``logit_scale``: a learnable ``1 / temperature`` (scalar) that replaces the config's."""
-        scale = logit_scale if logit_scale is not None else 1.0 / self.config.temperature
-        # scores[i, j] = s(audio_i, text_j) * scale, shape (N, N)
-        return self.from_scores(similarity(audio_embeds, text_embeds, self.config.dist) * scale, audio_ids)
+        scores = similarity(audio_embeds, text_embeds, self.config.dist)  # (N, N): s(audio_i, text_j)
+        scores = scores / self.config.temperature if logit_scale is None else scores * logit_scale
+        return self.from_scores(scores, audio_ids)
 
     def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
         """The loss of a ``(N, N)`` matrix of scaled pair scores (row: audio i, column: text j, the

@@ -1,4 +1,5 @@
-"""Data-parallel training sees the global batch: two gloo workers give the single-process gradient."""
+"""Data-parallel training sees the global batch: two gloo workers give the single-process gradient,
+for both losses and for a learnable temperature."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from models.losses import LogSoftmaxLoss
+from models.losses import ClipLoss, LogSoftmaxLoss
 from utils.distributed import gather_batch, world
 
 AUDIO_IDS = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])  # several captions of one clip, split across workers
@@ -17,45 +18,58 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
 
 
-class Towers(nn.Module):
-    """Two linear towers with the same seeded weights in every process."""
+LOSSES = {"LogSoftmaxLoss": LogSoftmaxLoss(temperature=0.1), "ClipLoss": ClipLoss()}
 
-    def __init__(self):
+
+class Towers(nn.Module):
+    """Two linear towers, with ClipLoss a learnable log logit scale too, the same seeded weights in every process."""
+
+    def __init__(self, loss_name: str):
         super().__init__()
         torch.manual_seed(0)
         self.audio, self.text = nn.Linear(6, 4), nn.Linear(5, 4)
+        # DDP needs every parameter in each step's loss, as training has: a scale only where the loss uses it
+        self.logit_scale = nn.Parameter(torch.tensor(2.0)) if loss_name == "ClipLoss" else None
+
+    def scale(self) -> torch.Tensor | None:
+        return self.logit_scale.exp() if self.logit_scale is not None else None
 
     def forward(self, audio, text):
         return self.audio(audio), self.text(text)
 
 
-def worker(rank: int, world_size: int, store: str, out: str) -> None:
+def worker(rank: int, world_size: int, store: str, out: str, loss_name: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     assert world() == (world_size, rank)
-    model = nn.parallel.DistributedDataParallel(Towers())
+    model = nn.parallel.DistributedDataParallel(Towers(loss_name))
     audio, text = inputs()
     rows = slice(rank * 4, rank * 4 + 4)  # this worker's half of the global batch
     a, t = model(audio[rows], text[rows])
     a, t, ids = gather_batch(a, t, AUDIO_IDS[rows])
     assert torch.equal(ids, AUDIO_IDS)
-    loss = LogSoftmaxLoss(temperature=0.1)(a, t, ids)
+    loss = LOSSES[loss_name](a, t, ids, logit_scale=model.module.scale())
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
+    # Free DDP's reducer while the group is still registered: freed after destroy_process_group, it would
+    # destroy the group itself and join gloo's thread while holding the GIL that thread waits for (a hang).
+    del model, a, t, loss
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_workers_match_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_two_workers_match_one_process_on_the_global_batch(tmp_path, loss_name):
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(out), loss_name), nprocs=2, join=True)
     distributed = torch.load(out, weights_only=True)
 
-    model = Towers()
+    model = Towers(loss_name)
     audio, text = inputs()
-    loss = LogSoftmaxLoss(temperature=0.1)(*model(audio, text), AUDIO_IDS)
+    loss = LOSSES[loss_name](*model(audio, text), AUDIO_IDS, logit_scale=model.scale())
     loss.backward()
     assert torch.allclose(distributed["loss"], loss.detach(), atol=1e-6)
+    assert set(distributed["grads"]) == {name for name, _ in model.named_parameters()}
     for name, param in model.named_parameters():
         assert torch.allclose(distributed["grads"][name], param.grad, atol=1e-6), name
 

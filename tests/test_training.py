@@ -1,9 +1,11 @@
 """The training loop without Ray: metrics, checkpoints and resuming."""
 
+import json
+
 import pytest
 import torch
 
-from utils.checkpoints import load_checkpoint, load_trained_model
+from utils.checkpoints import export_model, load_checkpoint, load_trained_model
 from utils.config import validate, with_overrides
 from utils.training import train
 
@@ -48,6 +50,14 @@ def test_saved_checkpoint_rebuilds_the_model(tiny_raw, tmp_path):
     assert config.model.embed_dim == 16
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reports[0][1]["model"][name])
+
+    # the export rebuilds the model on a machine without the dataset (its input sizes travel with it)
+    export = export_model(tmp_path / "checkpoint.pt", tmp_path / "best")
+    moved = json.loads((export / "config.json").read_text())
+    moved["data"]["dataset_dir"] = str(tmp_path / "not-here")
+    (export / "config.json").write_text(json.dumps(moved))
+    exported, _ = load_trained_model(export, torch.device("cpu"))
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in exported.state_dict().items())
 
 
 @pytest.mark.slow

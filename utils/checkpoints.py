@@ -1,9 +1,10 @@
 """Model files: trial checkpoints, self-contained exports, and the model they rebuild.
 
-A checkpoint (``checkpoint.pt``) holds model, optimizer, scheduler, epoch, metrics and the
-resolved config, and loads with ``weights_only=True``. An export (``main.py`` writes one as
-``<experiment>/best/``) holds the weights as safetensors, the config and the metrics as JSON:
-nothing pickled, and nothing else needed to rebuild the model.
+A checkpoint (``checkpoint.pt``) holds model, optimizer, scheduler, epoch, metrics, the
+resolved config and the model's input sizes, and loads with ``weights_only=True``. An export
+(``main.py`` writes one as ``<experiment>/best/``) holds the weights as safetensors, the config,
+the metrics and the input sizes as JSON: nothing pickled, and nothing else needed to rebuild the
+model (not even the dataset it was trained on).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from utils.stores import LogmelStore, logmel_file, read_json, text_embed_dim, te
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "epoch", "metrics")
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_METRICS = "model.safetensors", "config.json", "metrics.json"
+EXPORT_INPUTS = "inputs.json"  # {"n_mels": ..., "text_dim": ...}: the sizes the model was built for
 
 
 def save_checkpoint(
@@ -35,8 +37,10 @@ def save_checkpoint(
     config: Config,
     epoch: int,
     metrics: dict[str, float],
+    inputs: dict[str, int] | None = None,
 ) -> Path:
-    """Write model, optimizer, scheduler, epoch, metrics and the resolved config to ``folder/checkpoint.pt``."""
+    """Write model, optimizer, scheduler, epoch, metrics, the resolved config and the model's ``inputs``
+    (``model_inputs``) to ``folder/checkpoint.pt``."""
     path = Path(folder) / CHECKPOINT_FILE
     state = {
         "model": model.state_dict(),
@@ -45,6 +49,7 @@ def save_checkpoint(
         "config": config.model_dump(mode="json"),
         "epoch": epoch,
         "metrics": metrics,
+        "inputs": inputs or {},
     }
     torch.save(state, path)
     return path
@@ -75,6 +80,8 @@ def export_model(checkpoint: Path, folder: Path) -> Path:
     save_file({k: v.contiguous() for k, v in state["model"].items()}, str(folder / EXPORT_WEIGHTS))
     (folder / EXPORT_CONFIG).write_text(json.dumps(state["config"], indent=2))
     (folder / EXPORT_METRICS).write_text(json.dumps({"epoch": state["epoch"], **state["metrics"]}, indent=2))
+    if state.get("inputs"):  # checkpoints from before the sizes were saved have none
+        (folder / EXPORT_INPUTS).write_text(json.dumps(state["inputs"], indent=2))
     return folder
 
 
@@ -86,17 +93,28 @@ def read_model_config(path: Path) -> Config:
     return validate(load_checkpoint(path)["config"])
 
 
-def build_model(config: Config, device: torch.device, pretrained: bool = True) -> DualEncoderModel:
-    """A new model for ``config``, sized by its dataset's stores (mel bands, text width), with the
-    pretrained weights the config names unless ``pretrained`` is False (trained weights follow)."""
-    data, model_config = config.data, config.model
-    n_mels = LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels
-    text_dim = text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split))
+def model_inputs(config: Config) -> dict[str, int]:
+    """The input sizes a model of ``config`` is built for, read from its training split's stores:
+    ``n_mels`` (log-mel bands) and ``text_dim`` (the sentence embeddings' width)."""
+    data = config.data
+    return {
+        "n_mels": LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels,
+        "text_dim": text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split)),
+    }
+
+
+def build_model(
+    config: Config, device: torch.device, pretrained: bool = True, inputs: dict[str, int] | None = None
+) -> DualEncoderModel:
+    """A new model for ``config`` and ``inputs`` (default: ``model_inputs(config)``), with the pretrained
+    weights the config names unless ``pretrained`` is False (trained weights follow)."""
+    model_config = config.model
+    inputs = inputs or model_inputs(config)
     if not pretrained and getattr(model_config.audio_enc, "weight", None) is not None:
         # the file may be missing where a trained model is used, and its weights would be replaced anyway
         audio_enc = model_config.audio_enc.model_copy(update={"weight": None})
         model_config = model_config.model_copy(update={"audio_enc": audio_enc})
-    return create_model(model_config, n_mels=n_mels, text_dim=text_dim).to(device)
+    return create_model(model_config, n_mels=inputs["n_mels"], text_dim=inputs["text_dim"]).to(device)
 
 
 def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderModel, Config]:
@@ -104,10 +122,12 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderMod
     in inference mode."""
     path = Path(path)
     config = read_model_config(path)
-    model = build_model(config, device, pretrained=False)
     if (path / EXPORT_WEIGHTS).is_file():
         weights = read_safetensors(path / EXPORT_WEIGHTS)
+        inputs = read_json(path / EXPORT_INPUTS) if (path / EXPORT_INPUTS).is_file() else None
     else:
-        weights = load_checkpoint(path)["model"]
+        state = load_checkpoint(path)
+        weights, inputs = state["model"], state.get("inputs")
+    model = build_model(config, device, pretrained=False, inputs=inputs)  # no inputs saved: from the stores
     load_weights(model, weights, str(path))
     return model.eval(), config

@@ -16,7 +16,7 @@ from torch import nn
 from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
 from models.weights import load_weights
-from utils.checkpoints import build_model, load_checkpoint, save_checkpoint
+from utils.checkpoints import build_model, load_checkpoint, model_inputs, save_checkpoint
 from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
 from utils.data import CaptionPairs, pair_loader
 from utils.distributed import gather_batch, world
@@ -197,7 +197,8 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         num_workers=params.num_workers,
     )
 
-    model = build_model(config, device)
+    inputs = model_inputs(config)
+    model = build_model(config, device, inputs=inputs)
     criterion = LOSSES.build(config.criterion)
     optimizer = make_optimizer(model, config.optimizer)
     steps_per_epoch = math.ceil(len(train_loader) / params.accumulate_grad_batches)
@@ -237,7 +238,7 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
                 report(metrics, None)
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(Path(folder), model, optimizer, schedule.scheduler, config, epoch, metrics)
+                save_checkpoint(Path(folder), model, optimizer, schedule.scheduler, config, epoch, metrics, inputs)
                 report(metrics, Path(folder))
     except torch.OutOfMemoryError:
         # The trial fails with advice; other trials run in their own processes and go on.
