@@ -17,25 +17,22 @@ from pydantic import BaseModel, ValidationError
 
 from utils.errors import ConfigError
 
-
-class YamlSafeLoader(yaml.SafeLoader):
-    """The safe loader (plain data only: no ``!!python`` tags, nothing executed), reading numbers as
-    people write them: YAML 1.1 reads ``1e-4``, ``5E+3`` or ``-.5`` as strings, this loader (like
-    YAML 1.2) as floats. Everything else is YAML 1.1 as PyYAML reads it."""
+# Floats that YAML 1.1, and so ``yaml.safe_load``, leaves as strings: an exponent without a dot or
+# without a sign (1e-4, 5E+3, 1.0e4) and a signed leading dot (-.5). YAML 1.2 reads them as numbers.
+UNREAD_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$")
 
 
-YamlSafeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.VERBOSE,
-    ),
-    list("-+0123456789."),
-)
+def numbers_as_written(value: Any) -> Any:
+    """``value`` (parsed YAML) with every string that is one of those floats turned into the float,
+    in lists and mapping values at any depth. A quoted ``"1e-4"`` becomes a number too: after
+    ``safe_load`` quoting cannot be told apart."""
+    if isinstance(value, str) and UNREAD_FLOAT.match(value):
+        return float(value.replace("_", ""))
+    if isinstance(value, dict):
+        return {key: numbers_as_written(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [numbers_as_written(item) for item in value]
+    return value
 
 
 # Config fields holding paths that are resolved against the config file's folder.
@@ -51,10 +48,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def safe_yaml(text: Any, source: str) -> Any:
-    """Parse YAML with the safe loader (plain data only: no ``!!python`` tags, nothing executed);
-    a syntax error or a refused tag is a ``ConfigError`` naming ``source`` and the line."""
+    """Parse YAML with ``yaml.safe_load`` (plain data only: no ``!!python`` tags, nothing executed), numbers
+    read as people write them (``numbers_as_written``); a syntax error or a refused tag is a
+    ``ConfigError`` naming ``source`` and the line."""
     try:
-        return yaml.load(text, Loader=YamlSafeLoader)  # YamlSafeLoader is a yaml.SafeLoader
+        return numbers_as_written(yaml.safe_load(text))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
