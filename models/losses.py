@@ -32,12 +32,20 @@ def similarity(audio_embeds: torch.Tensor, text_embeds: torch.Tensor, dist: Dist
     return audio_embeds @ text_embeds.T
 
 
+class ContrastiveLossConfig(StrictModel):
+    """What every loss's ``Config`` holds; each loss narrows ``name`` to its own class name."""
+
+    name: str
+    temperature: float = Field(0.07, gt=0)  # scores are divided by it: 0 would give inf logits
+    dist: Distance = "dot_product"
+
+
 class ContrastiveLoss(nn.Module):
     """What the losses share: the config, pair scoring and the fixed or learnable temperature."""
 
-    Config: type[StrictModel]
+    Config: type[ContrastiveLossConfig]
 
-    def __init__(self, config: StrictModel | None = None, **fields: object) -> None:
+    def __init__(self, config: ContrastiveLossConfig | None = None, **fields: object) -> None:
         super().__init__()
         self.config = configured(self.Config, config, fields)
 
@@ -70,10 +78,8 @@ class LogSoftmaxLoss(ContrastiveLoss):
     Build it from its ``Config`` or keyword fields: ``LogSoftmaxLoss(temperature=0.1)``.
     """
 
-    class Config(StrictModel):
+    class Config(ContrastiveLossConfig):
         name: Literal["LogSoftmaxLoss"] = "LogSoftmaxLoss"
-        temperature: float = Field(0.07, gt=0)  # scores are divided by it: 0 would give inf logits
-        dist: Distance = "dot_product"
 
     def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
         n = scores.size(0)
@@ -96,10 +102,8 @@ class ClipLoss(ContrastiveLoss):
     other caption as a negative; ``LogSoftmaxLoss`` does not, which is why it is the Clotho default.
     """
 
-    class Config(StrictModel):
-        name: Literal["ClipLoss"] = "ClipLoss"
-        temperature: float = Field(0.07, gt=0)  # CLIP's initial temperature
-        dist: Distance = "dot_product"
+    class Config(ContrastiveLossConfig):
+        name: Literal["ClipLoss"] = "ClipLoss"  # 0.07 is also CLIP's initial temperature
 
     def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
         targets = torch.arange(scores.size(0), device=scores.device)  # (N,): the diagonal

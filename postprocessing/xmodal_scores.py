@@ -50,13 +50,14 @@ def scores_file(out_dir: Path, split: str, untrained: bool) -> Path:
 def embed_with_model(model_path: Path, split: str, untrained: bool, device: str | None) -> SplitEmbeddings:
     """``split`` embedded by the model at ``model_path`` (or, ``untrained``, by a fresh model of its config)
     on ``device`` (default: the model config's ``device``)."""
-    config = read_model_config(model_path)
-    target = resolve_device(device or config.device)
     if untrained:
+        config = read_model_config(model_path)
         seed_everything(config.seed)
-        model = build_model(config, target).eval()
+        model = build_model(config, torch.device("cpu")).eval()
     else:
-        model, _ = load_trained_model(model_path, target)
+        model, config = load_trained_model(model_path, torch.device("cpu"))
+    target = resolve_device(device or config.device)  # the device is the model config's unless given
+    model.to(target)
     # scored with the features and caption embeddings the model was trained on
     check_split(config.data.dataset_dir, split, config.features, config.text_embeddings)
     log.info(

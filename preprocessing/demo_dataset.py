@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from utils.cli import SPLITS, make_parser, setup_logging
+from utils.cli import make_parser, setup_logging
 
 log = logging.getLogger("demo_dataset")
+
+SPLITS = ("development", "validation", "evaluation")  # Clotho's split names
 
 SAMPLE_RATE = 16000
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}

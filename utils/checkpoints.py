@@ -121,13 +121,13 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderMod
     """The model of an export folder (``best/``) or a checkpoint, with its stored config and weights,
     in inference mode."""
     path = Path(path)
-    config = read_model_config(path)
     if (path / EXPORT_WEIGHTS).is_file():
+        config = read_model_config(path)
         weights = read_safetensors(path / EXPORT_WEIGHTS)
         inputs = read_json(path / EXPORT_INPUTS) if (path / EXPORT_INPUTS).is_file() else None
-    else:
+    else:  # one read of the checkpoint for its config, weights and sizes
         state = load_checkpoint(path)
-        weights, inputs = state["model"], state.get("inputs")
+        config, weights, inputs = validate(state["config"]), state["model"], state.get("inputs")
     model = build_model(config, device, pretrained=False, inputs=inputs)  # no inputs saved: from the stores
     load_weights(model, weights, str(path))
     return model.eval(), config

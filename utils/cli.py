@@ -15,7 +15,6 @@ from utils.config_files import load_raw, set_path
 from utils.errors import InputError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf.yaml"
-SPLITS = ("development", "validation", "evaluation")  # Clotho's split names, which the demo dataset uses too
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
