@@ -64,13 +64,17 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCall
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TrialPlateauStopper
+from transformers import AutoConfig
 
+from models.pretrained import load_pretrained
+from preprocessing.tower_stores import prepare_split
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
-from utils.errors import ConfigError
+from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
-from utils.reporting import TrialHistory, plot_metric, results_table
-from utils.stores import check_split, logmel_file, read_json, text_embeds_file
+from utils.reporting import TrialHistory, as_epoch, plot_metric, results_table
+from utils.stores import logmel_file, read_json, text_embeds_file
+from utils.tower_stores import check_inputs, is_pretrained, missing_stores
 from utils.training import train
 
 log = logging.getLogger("main")
@@ -123,6 +127,7 @@ def run_experiment(
     ray_conf = config.ray_conf
     init_ray(ray_conf, address)
     check_resources(ray_conf, ray.cluster_resources())
+    prepare_stores(config)
     name = new_experiment_name(config.experiment)
     if is_local(ray_conf.storage_path):
         experiment = Path(ray_conf.storage_path) / name
@@ -163,21 +168,30 @@ def resume_experiment(path: Path | None, storage_path: str, experiment: str, add
 
 def check_before_ray(config: Config, joins_cluster: bool) -> None:
     """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing or
-    out-of-date preprocessed data, a model that cannot be built (e.g. a wrong pretrained weight
-    file), ``device: cuda`` without GPUs for the trials, or (on this machine) a trial bigger than
-    the machine. A cluster's size is checked once joined (``check_resources``)."""
+    out-of-date preprocessed data, a pretrained model that cannot be loaded or built (a wrong weight file,
+    a model id without internet), ``device: cuda`` without GPUs for the trials, or (on this machine) a
+    trial bigger than the machine. A cluster's size is checked once joined (``check_resources``); tower
+    stores that do not exist yet are computed once Ray runs (``prepare_stores``)."""
     data, ray_conf = config.data, config.ray_conf
     if not data.dataset_dir.is_dir():
         raise ConfigError(f"data.dataset_dir: {data.dataset_dir} does not exist or is not a folder")
+    check_model_ids(config)
+    variants = store_variants(config)
+    to_prepare = {split for variant in variants for split in missing_stores(variant, data.splits())}
     for split in (data.train_split, data.val_split):
-        for path in (logmel_file(data.dataset_dir, split), text_embeds_file(data.dataset_dir, split)):
+        needed = [logmel_file(data.dataset_dir, split)] if not is_pretrained(config.model.audio_enc) else []
+        if not is_pretrained(config.model.text_enc):
+            needed.append(text_embeds_file(data.dataset_dir, split))
+        for path in needed:
             if not path.is_file():
                 raise ConfigError(
                     f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
                 )
-        check_split(data.dataset_dir, split, config.features, config.text_embeddings)
-    # a missing or mismatched pretrained weight file fails here, not in every trial
-    build_model(config, torch.device("cpu"))
+        if split not in to_prepare:
+            for variant in variants:
+                check_inputs(variant, split)
+    if not to_prepare:  # a missing or mismatched pretrained weight file fails here, not in every trial
+        build_model(config, torch.device("cpu"))
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
         raise ConfigError(
             "device: 'cuda' needs ray_conf.gpus_per_trial > 0: Ray hides the GPUs from trials that reserve none "
@@ -186,6 +200,72 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     if not joins_cluster:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         check_resources(ray_conf, {"CPU": cpus, "GPU": torch.cuda.device_count()}, "this machine")
+
+
+def check_model_ids(config: Config) -> None:
+    """Every pretrained model the config names can be loaded: its config is read (from a local folder, the
+    cache, or the hub), or one ``ConfigError`` names the key and the model id."""
+    named = [(f"model.{side}.model_id", getattr(config.model, side)) for side in ("audio_enc", "text_enc")]
+    for key, tower in named:
+        if is_pretrained(tower):
+            load_pretrained(AutoConfig.from_pretrained, tower.model_id, key, trust_remote_code=tower.trust_remote_code)
+    if config.model.init_from is not None:
+        load_pretrained(AutoConfig.from_pretrained, config.model.init_from, "model.init_from")
+
+
+# Keys whose values change what a tower store holds: a search over them needs one store per value.
+STORE_KEYS = ("model.audio_enc", "model.text_enc", "crops", "features.max_seconds", "text_embeddings")
+
+
+def store_variants(config: Config) -> list[Config]:
+    """The config, and one config per searched value of a key that changes the towers' stores (``choice`` or
+    ``grid`` only: a store is computed once per value, so a continuous range is refused)."""
+    raw = config.model_dump(mode="json")
+    variants = [config]
+    for path, spec in config.ray_conf.search_space.items():
+        if not path.startswith(STORE_KEYS) or not any(
+            map(is_pretrained, (config.model.audio_enc, config.model.text_enc))
+        ):
+            continue
+        ((kind, values),) = spec.items()
+        if kind not in ("choice", "grid"):
+            raise ConfigError(
+                f"ray_conf.search_space.{path}: {kind} cannot be searched with a transformers tower, whose stores "
+                "are computed once per value; use choice or grid"
+            )
+        variants += [validate(with_overrides(raw, {path: value})) for value in values]
+    return variants
+
+
+def prepare_stores(config: Config) -> None:
+    """Compute the tower stores that the config (and the values its search can take) read but that do not exist
+    yet, as Ray tasks with a trial's resources (so on a cluster they run where the GPUs are), then check them."""
+    ray_conf = config.ray_conf
+    work = [
+        (variant, split)
+        for variant in store_variants(config)
+        for split in missing_stores(variant, config.data.splits())
+    ]
+    if work:
+        log.info("computing %d tower store(s) once, as Ray tasks: %s", len(work), ", ".join(s for _, s in work))
+        task = ray.remote(num_cpus=ray_conf.cpus_per_trial, num_gpus=ray_conf.gpus_per_trial)(store_task)
+        try:
+            ray.get([task.remote(variant.model_dump(mode="json"), split) for variant, split in work])
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, InputError):  # a data or config problem: its one line, not a traceback
+                raise err.cause from None
+            raise
+    for variant in store_variants(config):
+        for split in (config.data.train_split, config.data.val_split):
+            check_inputs(variant, split)
+
+
+def store_task(config: dict[str, Any], split: str) -> None:
+    """One split's tower stores, in a Ray worker."""
+    setup_logging()
+    resolved = validate(config)
+    torch.set_num_threads(max(1, int(resolved.ray_conf.cpus_per_trial)))
+    prepare_split(resolved, split)
 
 
 def check_resources(ray_conf: RayConfig, have: dict[str, float], where: str = "the Ray cluster") -> None:
@@ -262,11 +342,12 @@ def make_param_space(ray_conf: RayConfig) -> dict[str, Any]:
 
 
 def make_scheduler(ray_conf: RayConfig, num_epochs: int) -> tune.schedulers.TrialScheduler:
-    """FIFO, ASHA or PBT from ``ray_conf.scheduler``; the time unit is the epoch (one report each)."""
+    """FIFO, ASHA or PBT from ``ray_conf.scheduler``; the time unit is the epoch (``epoch`` in every report,
+    fractional for the reports within an epoch that ``param_conf.val_every_steps`` adds)."""
     scheduler_conf = ray_conf.scheduler
     if scheduler_conf.name == "ASHA":
         return ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",
             max_t=num_epochs,
             grace_period=scheduler_conf.grace_period,
             reduction_factor=scheduler_conf.reduction_factor,
@@ -274,7 +355,7 @@ def make_scheduler(ray_conf: RayConfig, num_epochs: int) -> tune.schedulers.Tria
         )
     if scheduler_conf.name == "PBT":
         return PopulationBasedTraining(
-            time_attr="training_iteration",
+            time_attr="epoch",
             perturbation_interval=scheduler_conf.perturbation_interval,
             burn_in_period=scheduler_conf.burn_in_period,
             quantile_fraction=scheduler_conf.quantile_fraction,
@@ -450,14 +531,14 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig
         "metric": ray_conf.metric,
         "mode": ray_conf.mode,
         "value": float(metrics[ray_conf.metric]),
-        "epoch": int(metrics["epoch"]),
+        "epoch": as_epoch(metrics["epoch"]),
         "trial_params": dict(best.config),
         "config": validate(with_overrides(raw, best.config)).model_dump(mode="json"),
     }
     (experiment / BEST_FILE).write_text(json.dumps(summary, indent=2))
     write_results(trials, ray_conf, experiment)
     log.info(
-        "best trial %s: %s = %.4f at epoch %d with %s",
+        "best trial %s: %s = %.4f at epoch %g with %s",
         summary["trial_id"],
         ray_conf.metric,
         summary["value"],

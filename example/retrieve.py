@@ -52,14 +52,11 @@ if __name__ == "__main__":
 
 import torch
 
-from utils.audio import file_logmel
 from utils.checkpoints import load_trained_model
-from utils.data import pad_logmels
 from utils.experiments import find_model
-from utils.inference import encode_split
+from utils.inference import encode_audio_files, encode_captions, encode_split
 from utils.runtime import resolve_device
-from utils.stores import check_split
-from utils.text import load_sentence_model
+from utils.tower_stores import check_inputs
 
 
 def main() -> None:
@@ -85,19 +82,17 @@ def retrieve(
     """Embed the query files and captions (and the ``gallery`` split), print the best matches both ways,
     each marked ``[query]`` or ``[gallery]``, and return the ``(n_audio, n_captions)`` cosine scores:
     queries first, then the gallery items that are not queries themselves."""
-    model, config = load_trained_model(model_path, torch.device("cpu"))
+    # new audio and captions go through the whole towers: frozen backbones too, from their model ids
+    model, config = load_trained_model(model_path, torch.device("cpu"), backbones=True)
     target = resolve_device(device or config.device)
     model.to(target)
-    batch, lengths = pad_logmels([file_logmel(path, config.features) for path in audio_files])
-    audio = model.encode_audio(batch.to(target), lengths.to(target))  # (n_files, E)
-    sentence_model = load_sentence_model(config.text_embeddings.model_name, target)
-    embedded = [config.text_embeddings.caption(c) for c in captions]  # the caption column the model was trained on
-    text = model.encode_text(torch.from_numpy(sentence_model.encode(embedded, convert_to_numpy=True)).to(target))
+    audio = encode_audio_files(model, config, audio_files, target)  # (n_files, E)
+    text = encode_captions(model, config, captions, target)  # (n_captions, E)
     audio_names = [(p.name, "query") for p in audio_files]
     texts = [(c, "query") for c in captions]
     if gallery:
-        check_split(config.data.dataset_dir, gallery, config.features, config.text_embeddings)
-        split = encode_split(model, config.data.dataset_dir, gallery, target)
+        check_inputs(config, gallery)
+        split = encode_split(model, config, gallery, target)
         queried = {p.resolve() for p in audio_files}
         folder = config.data.dataset_dir / gallery
         clips = [i for i, name in enumerate(split.fnames) if (folder / name).resolve() not in queried]

@@ -77,9 +77,9 @@ class ConvStackEncoder(nn.Module):
         self.fc1 = nn.Linear(channels[-1], out_dim)
         self.out_dim = out_dim
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, M) -> (B, 1, T, M); batch-norm over mel bands as in PANNs (bn0 sees M as channels).
-        x = self.bn0(x.unsqueeze(1).transpose(1, 3)).transpose(1, 3) * time_mask(lengths, x.size(1))
+    def forward(self, logmels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # logmels: (B, T, M) -> (B, 1, T, M); batch-norm over mel bands as in PANNs (bn0 sees M as channels).
+        x = self.bn0(logmels.unsqueeze(1).transpose(1, 3)).transpose(1, 3) * time_mask(lengths, logmels.size(1))
         for i, pool in enumerate(self.pools, start=1):
             x = getattr(self, f"conv_block{i}")(x, time_mask(lengths, x.size(2)))
             x = F.dropout(x, self.dropout, self.training)

@@ -11,9 +11,13 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
 from models.audio_encoders import AUDIO_ENCODERS
-from models.heads import PROJECTIONS, LinearProjection
+from models.heads import PROJECTIONS, LinearProjection, MLPProjection
+from models.hf_audio import PretrainedAudioTower
+from models.hf_text import PretrainedTextTower
+from models.pretrained import load_pretrained
 from models.registry import StrictModel
 from models.text_encoders import TEXT_ENCODERS
+from utils.errors import ConfigError
 
 
 class LearnableTemperature(StrictModel):
@@ -42,6 +46,10 @@ class DualEncoderModel(nn.Module):
         projection: PROJECTIONS.config_union() = LinearProjection.Config()  # the head of each tower
         # None: the loss's fixed criterion.temperature; else a temperature trained with the model
         learnable_temperature: LearnableTemperature | None = None
+        # a released CLAP checkpoint (hub id, id@revision or folder) whose projections and logit scale start the
+        # heads (MLPProjection, embed_dim = its projection_dim) and the learnable temperature: with the CLAP
+        # towers of the same id it is the whole released model, zero-shot before any training
+        init_from: str | None = None
 
     def __init__(
         self,
@@ -71,38 +79,89 @@ class DualEncoderModel(nn.Module):
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by part, for per-part learning rates: ``heads`` (projections),
+        """Trainable parameters by part, for per-part learning rates: ``heads`` (projections and adapters),
         ``audio_encoder``, ``text_encoder`` and ``logit_scale``; frozen parameters and empty parts left out."""
+        # a tower's trainable adapter goes with the heads: both are new layers on pretrained features
+        adapter = getattr(self.audio_encoder, "adapter", nn.Identity())
+        adapter_ids = {id(p) for p in adapter.parameters()}
         parts = {
-            "heads": [*self.audio_proj.parameters(), *self.text_proj.parameters()],
-            "audio_encoder": list(self.audio_encoder.parameters()),
+            "heads": [*adapter.parameters(), *self.audio_proj.parameters(), *self.text_proj.parameters()],
+            "audio_encoder": [p for p in self.audio_encoder.parameters() if id(p) not in adapter_ids],
             "text_encoder": list(self.text_encoder.parameters()),
             "logit_scale": [self.logit_scale] if self.max_logit_scale is not None else [],
         }
         trainable = {name: [p for p in params if p.requires_grad] for name, params in parts.items()}
         return {name: params for name, params in trainable.items() if params}
 
-    def encode_audio(self, logmels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``(B, T, n_mels)`` padded log-mels + ``(B,)`` frame counts -> ``(B, embed_dim)`` unit vectors."""
-        return F.normalize(self.audio_proj(self.audio_encoder(logmels, lengths)), dim=-1)
+    def encode_audio(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        """The audio tower's inputs -> ``(B, embed_dim)`` unit vectors: ``(B, T, n_mels)`` padded log-mels and
+        ``(B,)`` frame counts for the CNNs, model inputs or cached frames for the ``transformers`` towers."""
+        return F.normalize(self.audio_proj(self.audio_encoder(*inputs, **named)), dim=-1)
 
-    def encode_text(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        """``(B, sbert_dim)`` sentence embeddings -> ``(B, embed_dim)`` unit vectors."""
-        return F.normalize(self.text_proj(self.text_encoder(text_embeds)), dim=-1)
+    def encode_text(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        """The text tower's inputs -> ``(B, embed_dim)`` unit vectors: ``(B, D)`` sentence embeddings (or a
+        frozen tower's cached vectors), or tokens ``input_ids``/``attention_mask`` ``(B, L)``."""
+        return F.normalize(self.text_proj(self.text_encoder(*inputs, **named)), dim=-1)
 
     def forward(
-        self, logmels: torch.Tensor, lengths: torch.Tensor, text_embeds: torch.Tensor
+        self, audio: dict[str, torch.Tensor], text: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers at once: ``(B, embed_dim)`` audio and text unit vectors."""
-        return self.encode_audio(logmels, lengths), self.encode_text(text_embeds)
+        """Both towers at once, on a batch's named audio and text inputs: ``(B, embed_dim)`` unit vectors each."""
+        return self.encode_audio(**audio), self.encode_text(**text)
 
 
-def create_model(config: DualEncoderModel.Config, n_mels: int, text_dim: int) -> DualEncoderModel:
+def create_model(
+    config: DualEncoderModel.Config,
+    n_mels: int | None = None,
+    text_dim: int | None = None,
+    audio_dim: int | None = None,
+    backbones: bool = True,
+) -> DualEncoderModel:
     """Build a ``DualEncoderModel`` from the ``model`` config section.
 
-    ``n_mels`` comes from the feature store and ``text_dim`` from the embedding file, so the
-    same config works for any feature settings and any Sentence-BERT model.
+    The sizes come from the data, so one config works for any features and any cached tower: ``n_mels``
+    (log-mel bands, for the CNNs), ``text_dim`` (the width of precomputed caption vectors) and
+    ``audio_dim`` (of a frozen audio backbone's cached frames). With ``backbones=False`` frozen
+    ``transformers`` backbones are not loaded at all: training reads their cached outputs.
     """
-    audio = AUDIO_ENCODERS.build(config.audio_enc, n_mels=n_mels)
-    text = TEXT_ENCODERS.build(config.text_enc, in_dim=text_dim)
-    return DualEncoderModel(audio, text, config.embed_dim, config.projection, config.learnable_temperature)
+    audio_enc, text_enc = config.audio_enc, config.text_enc
+    audio_cls, text_cls = AUDIO_ENCODERS.get(audio_enc.name), TEXT_ENCODERS.get(text_enc.name)
+    if issubclass(audio_cls, PretrainedAudioTower):
+        audio = audio_cls(audio_enc, frame_dim=audio_dim, load_backbone=backbones)
+    else:
+        audio = audio_cls(audio_enc, n_mels=n_mels)
+    if issubclass(text_cls, PretrainedTextTower):
+        text = text_cls(text_enc, in_dim=text_dim, load_backbone=backbones)
+    else:
+        text = text_cls(text_enc, in_dim=text_dim)
+    model = DualEncoderModel(audio, text, config.embed_dim, config.projection, config.learnable_temperature)
+    if config.init_from is not None:
+        init_from_clap(model, config.init_from)
+    return model
+
+
+def init_from_clap(model: DualEncoderModel, model_id: str) -> None:
+    """Copy a released ``ClapModel``'s audio and text projections (``linear1``, ReLU, ``linear2``) into the
+    model's ``MLPProjection`` heads and its text-to-audio logit scale into ``logit_scale``."""
+    from transformers import ClapModel
+
+    clap = load_pretrained(ClapModel.from_pretrained, model_id, "model.init_from")
+    if model.max_logit_scale is None:
+        raise ConfigError("model.init_from needs model.learnable_temperature: it starts from the checkpoint's")
+    for head, released in ((model.audio_proj, clap.audio_projection), (model.text_proj, clap.text_projection)):
+        first, last = released.linear1, released.linear2
+        if not isinstance(head, MLPProjection) or (head[0].weight.shape, head[3].weight.shape) != (
+            first.weight.shape,
+            last.weight.shape,
+        ):
+            raise ConfigError(
+                f"model.init_from: {model_id!r} has {first.in_features} -> {first.out_features} -> "
+                f"{last.out_features} MLP projections; set model.projection to MLPProjection and model.embed_dim "
+                f"to {last.out_features}, with CLAP towers of the same id"
+            )
+        with torch.no_grad():
+            head[0].load_state_dict(first.state_dict())
+            head[3].load_state_dict(last.state_dict())
+    with torch.no_grad():
+        # CLAP scales text->audio and audio->text logits separately; one scale serves both here
+        model.logit_scale.copy_(clap.logit_scale_t.clamp(max=math.log(model.max_logit_scale)))

@@ -8,6 +8,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from models.registry import Registry, StrictModel, configured
+from utils.errors import ConfigError
 
 PROJECTIONS: Registry[type[nn.Module]] = Registry("projection")
 
@@ -39,3 +40,21 @@ class MLPProjection(nn.Sequential):
         hidden = config.hidden_dim or out_dim
         super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(hidden, out_dim))
         self.config = config
+
+
+@PROJECTIONS.register
+class IdentityProjection(nn.Identity):
+    """No head: the tower's output (after its adapter) is the embedding, as in the Whisper audio-text embedder.
+    The tower's width must then be ``embed_dim``."""
+
+    class Config(StrictModel):
+        name: Literal["IdentityProjection"] = "IdentityProjection"
+
+    def __init__(self, config: Config | None = None, *, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        if in_dim != out_dim:
+            raise ConfigError(
+                f"model.projection IdentityProjection needs towers of width model.embed_dim {out_dim}, got {in_dim}: "
+                "give the tower an adapter of that width, or another projection"
+            )
+        self.config = configured(self.Config, config, {})

@@ -41,9 +41,12 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
 
 
 def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
-    """``module.load_state_dict(state)`` after ``check_state_dict``, so a mismatch names its keys."""
+    """``module.load_state_dict(state)`` after ``check_state_dict``, so a mismatch names its keys.
+
+    The check is against ``module.state_dict()``, which leaves out frozen pretrained backbones (their
+    weights are their model id's): having passed it, ``strict=False`` only lets those stay as loaded."""
     check_state_dict(module.state_dict(), state, source)
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)
     return module
 
 

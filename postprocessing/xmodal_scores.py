@@ -37,7 +37,8 @@ from utils.checkpoints import build_model, load_trained_model, read_model_config
 from utils.experiments import find_model
 from utils.inference import SplitEmbeddings, encode_split
 from utils.runtime import resolve_device, seed_everything
-from utils.stores import atomic_h5, check_split
+from utils.stores import atomic_h5
+from utils.tower_stores import check_inputs
 
 log = logging.getLogger("xmodal_scores")
 
@@ -59,7 +60,7 @@ def embed_with_model(model_path: Path, split: str, untrained: bool, device: str 
     target = resolve_device(device or config.device)  # the device is the model config's unless given
     model.to(target)
     # scored with the features and caption embeddings the model was trained on
-    check_split(config.data.dataset_dir, split, config.features, config.text_embeddings)
+    check_inputs(config, split)
     log.info(
         "embedding %s split of %s with the %s model on %s",
         split,
@@ -67,7 +68,7 @@ def embed_with_model(model_path: Path, split: str, untrained: bool, device: str 
         "untrained" if untrained else "trained",
         target,
     )
-    return encode_split(model, config.data.dataset_dir, split, target, config.param_conf.batch_size)
+    return encode_split(model, config, split, target, config.param_conf.batch_size)
 
 
 def save_scores(path: Path, embeds: SplitEmbeddings) -> None:

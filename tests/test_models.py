@@ -27,7 +27,9 @@ def test_dual_encoder_outputs_unit_vectors():
     )
     model = create_model(config, n_mels=16, text_dim=10)
     assert isinstance(model, DualEncoderModel) and isinstance(model.text_encoder, SentBERTBaseEncoder)
-    audio, text = model(torch.randn(3, 30, 16), torch.tensor([30, 20, 10]), torch.randn(3, 10))
+    audio, text = model(
+        {"logmels": torch.randn(3, 30, 16), "lengths": torch.tensor([30, 20, 10])}, {"text_embeds": torch.randn(3, 10)}
+    )
     assert audio.shape == text.shape == (3, 12)
     assert torch.allclose(audio.norm(dim=-1), torch.ones(3)) and torch.allclose(text.norm(dim=-1), torch.ones(3))
 

@@ -35,9 +35,8 @@ def fake_batches(n: int, size: int = 4) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [
         {
-            "logmels": torch.randn(size, 12, 8, generator=g),
-            "lengths": torch.full((size,), 12),
-            "text_embeds": torch.randn(size, 6, generator=g),
+            "audio": {"logmels": torch.randn(size, 12, 8, generator=g), "lengths": torch.full((size,), 12)},
+            "text": {"text_embeds": torch.randn(size, 6, generator=g)},
             "audio_ids": torch.arange(size) + 10 * i,
         }
         for i in range(n)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import librosa
 import numpy as np
 import soundfile as sf
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from models.registry import StrictModel
 from utils.errors import AudioError
@@ -51,6 +52,51 @@ class FeatureConfig(StrictModel):
                 f"got fmin {self.fmin:g}, fmax {top:g}, sample_rate {self.sample_rate}"
             )
         return self
+
+
+class CropConfig(StrictModel):
+    """The ``crops`` section: the views of a clip the audio tower sees.
+
+    With ``seconds`` unset a tower sees whole clips (as its feature extractor takes them: Whisper pads or
+    cuts to 30 s, CLAP to 10 s). With it set, training sees random crops of that length, and evaluation
+    one centred crop or, with ``eval_hop_seconds``, sliding windows whose embeddings are averaged. Clips
+    shorter than a crop are repeated, then zero-padded (``pad: repeat``) or only zero-padded.
+    """
+
+    seconds: PositiveFloat | None = None
+    # 0: a fresh random crop each time a clip is drawn (log-mel towers only: a transformers tower reads its
+    # inputs or outputs from a store); K: K random crops drawn once per clip (stored), one sampled per draw
+    train_views: NonNegativeInt = 0
+    eval_hop_seconds: PositiveFloat | None = None
+    pad: Literal["repeat", "zero"] = "repeat"
+
+
+def fit_length(x: np.ndarray, n: int, pad: str) -> np.ndarray:
+    """``x`` (time first) cut or padded to ``n`` steps: repeated first when ``pad`` is ``repeat``, then zeros."""
+    if len(x) >= n:
+        return x[:n]
+    if pad == "repeat":
+        x = np.concatenate([x] * (n // len(x)))
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
+
+
+def random_crops(x: np.ndarray, n: int, count: int, rng: np.random.Generator, pad: str) -> list[np.ndarray]:
+    """``count`` crops of ``n`` steps at uniformly random starts (a shorter ``x`` is padded instead)."""
+    if len(x) <= n:
+        return [fit_length(x, n, pad)] * count
+    return [x[start : start + n] for start in rng.integers(0, len(x) - n + 1, size=count)]
+
+
+def eval_crops(x: np.ndarray, n: int, hop: int | None, pad: str) -> list[np.ndarray]:
+    """The evaluation views of ``x``: one centred crop of ``n`` steps, or windows every ``hop`` steps with the
+    last one ending at the end (their embeddings are averaged). A shorter ``x`` is one padded view."""
+    if len(x) <= n:
+        return [fit_length(x, n, pad)]
+    if hop is None:
+        start = (len(x) - n) // 2
+        return [x[start : start + n]]
+    starts = list(range(0, len(x) - n, hop)) + [len(x) - n]
+    return [x[start : start + n] for start in starts]
 
 
 def open_audio(path: str | Path) -> sf.SoundFile:
@@ -138,3 +184,18 @@ def logmel(wave: np.ndarray, features: FeatureConfig, name: str = "audio") -> np
 def file_logmel(path: str | Path, features: FeatureConfig) -> np.ndarray:
     """Decode, resample and analyse one file: ``(frames, n_mels)`` float32."""
     return logmel(load_audio(path, features.sample_rate, features.max_seconds), features, name=str(path))
+
+
+def clip_views(
+    x: np.ndarray, steps_per_second: float, crops: CropConfig, train: bool, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The views of one clip ``x`` (time first, ``steps_per_second`` samples or frames a second) that
+    ``crops`` asks for: the whole clip; or in training ``max(1, train_views)`` random crops, in evaluation
+    the centred crop or the sliding windows."""
+    if crops.seconds is None:
+        return [x]
+    n = max(1, round(crops.seconds * steps_per_second))
+    if train:
+        return random_crops(x, n, max(1, crops.train_views), rng, crops.pad)
+    hop = None if crops.eval_hop_seconds is None else max(1, round(crops.eval_hop_seconds * steps_per_second))
+    return eval_crops(x, n, hop, crops.pad)

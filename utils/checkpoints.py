@@ -22,11 +22,12 @@ from models.weights import load_weights, read_safetensors, read_torch_file
 from utils.config import Config, validate
 from utils.errors import CheckpointError
 from utils.stores import LogmelStore, logmel_file, read_json, text_embed_dim, text_embeds_file
+from utils.tower_stores import RowStore, audio_store, is_pretrained, text_store
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "epoch", "metrics")
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_METRICS = "model.safetensors", "config.json", "metrics.json"
-EXPORT_INPUTS = "inputs.json"  # {"n_mels": ..., "text_dim": ...}: the sizes the model was built for
+EXPORT_INPUTS = "inputs.json"  # {"n_mels": ..., "text_dim": ...}: the sizes the model was built for (model_inputs)
 
 
 def save_checkpoint(
@@ -35,7 +36,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     config: Config,
-    epoch: int,
+    epoch: float,
     metrics: dict[str, float],
     inputs: dict[str, int] | None = None,
 ) -> Path:
@@ -94,32 +95,48 @@ def read_model_config(path: Path) -> Config:
 
 
 def model_inputs(config: Config) -> dict[str, int]:
-    """The input sizes a model of ``config`` is built for, read from its training split's stores:
-    ``n_mels`` (log-mel bands) and ``text_dim`` (the sentence embeddings' width)."""
-    data = config.data
-    return {
-        "n_mels": LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels,
-        "text_dim": text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split)),
-    }
+    """The input sizes a model of ``config`` is built for, read from its training split's stores: ``n_mels``
+    (log-mel bands, for a CNN), ``text_dim`` (the width of precomputed caption vectors) and ``audio_dim``
+    (of a frozen audio backbone's cached frames); a tower that reads neither has no entry."""
+    data, inputs = config.data, {}
+    store = audio_store(config, data.train_split)
+    if store is None:
+        inputs["n_mels"] = LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels
+    elif store[1]["kind"] == "outputs":
+        inputs["audio_dim"] = RowStore(store[0]).width
+    text = text_store(config, data.train_split)
+    if text is not None:
+        inputs["text_dim"] = RowStore(text[0]).width
+    elif not is_pretrained(config.model.text_enc):
+        inputs["text_dim"] = text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split))
+    return inputs
 
 
 def build_model(
-    config: Config, device: torch.device, pretrained: bool = True, inputs: dict[str, int] | None = None
+    config: Config,
+    device: torch.device,
+    pretrained: bool = True,
+    inputs: dict[str, int] | None = None,
+    backbones: bool = False,
 ) -> DualEncoderModel:
     """A new model for ``config`` and ``inputs`` (default: ``model_inputs(config)``), with the pretrained
-    weights the config names unless ``pretrained`` is False (trained weights follow)."""
+    weights the config names unless ``pretrained`` is False (trained weights follow). Frozen ``transformers``
+    backbones are loaded only with ``backbones`` (to embed new audio or text); without, the model reads
+    their cached outputs."""
     model_config = config.model
-    inputs = inputs or model_inputs(config)
-    if not pretrained and getattr(model_config.audio_enc, "weight", None) is not None:
-        # the file may be missing where a trained model is used, and its weights would be replaced anyway
-        audio_enc = model_config.audio_enc.model_copy(update={"weight": None})
-        model_config = model_config.model_copy(update={"audio_enc": audio_enc})
-    return create_model(model_config, n_mels=inputs["n_mels"], text_dim=inputs["text_dim"]).to(device)
+    inputs = model_inputs(config) if inputs is None else inputs
+    if not pretrained:
+        # the CNN14 file may be missing where a trained model is used, and its weights would be replaced anyway
+        if getattr(model_config.audio_enc, "weight", None) is not None:
+            audio_enc = model_config.audio_enc.model_copy(update={"weight": None})
+            model_config = model_config.model_copy(update={"audio_enc": audio_enc})
+        model_config = model_config.model_copy(update={"init_from": None})
+    return create_model(model_config, backbones=backbones, **inputs).to(device)
 
 
-def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderModel, Config]:
+def load_trained_model(path: Path, device: torch.device, backbones: bool = False) -> tuple[DualEncoderModel, Config]:
     """The model of an export folder (``best/``) or a checkpoint, with its stored config and weights,
-    in inference mode."""
+    in inference mode; frozen ``transformers`` backbones come from their model ids with ``backbones``."""
     path = Path(path)
     if (path / EXPORT_WEIGHTS).is_file():
         config = read_model_config(path)
@@ -128,6 +145,7 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[DualEncoderMod
     else:  # one read of the checkpoint for its config, weights and sizes
         state = load_checkpoint(path)
         config, weights, inputs = validate(state["config"]), state["model"], state.get("inputs")
-    model = build_model(config, device, pretrained=False, inputs=inputs)  # no inputs saved: from the stores
+    # no inputs saved: from the stores
+    model = build_model(config, device, pretrained=False, inputs=inputs, backbones=backbones)
     load_weights(model, weights, str(path))
     return model.eval(), config

@@ -27,7 +27,7 @@ from pydantic import (
 from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
 from models.registry import StrictModel
-from utils.audio import FeatureConfig
+from utils.audio import CropConfig, FeatureConfig
 from utils.config_files import load_raw, validation_message, with_overrides
 from utils.errors import ConfigError
 from utils.stores import DataConfig
@@ -141,6 +141,9 @@ class ParamConfig(StrictModel):
     accumulate_grad_batches: PositiveInt = 1
     clip_grad_norm: PositiveFloat | None = None  # max L2 norm of all gradients, None: no clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision on CUDA; the CPU runs fp32
+    # also validate, report and checkpoint every this many optimizer steps within an epoch, so schedulers act
+    # within long epochs (the Whisper embedder trained one epoch and evaluated every 10 steps); None: per epoch
+    val_every_steps: PositiveInt | None = None
 
 
 SearchSpace = dict[str, dict[str, list[Any]]]  # dotted config path -> {kind: arguments}
@@ -156,7 +159,7 @@ class ASHASchedulerConfig(StrictModel):
     """Asynchronous successive halving: stop trials that trail their peers at epoch milestones."""
 
     name: Literal["ASHA"] = "ASHA"
-    grace_period: PositiveInt = 1  # epochs every trial runs before it can be stopped
+    grace_period: PositiveFloat = 1  # epochs every trial runs before it can be stopped (a fraction: val_every_steps)
     reduction_factor: float = Field(2.0, gt=1)
     brackets: PositiveInt = 1
 
@@ -250,6 +253,7 @@ class Config(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the only place the device is chosen
     data: DataConfig
     features: FeatureConfig
+    crops: CropConfig = CropConfig()
     text_embeddings: TextEmbeddingConfig = TextEmbeddingConfig()
     model: DualEncoderModel.Config
     criterion: LOSSES.config_union()
@@ -266,7 +270,26 @@ class Config(StrictModel):
             ("ray_conf.plateau_stopper", "grace_period", getattr(self.ray_conf.plateau_stopper, "grace_period", 1)),
         ):
             if value > epochs:
-                raise ValueError(f"{section}.{name} {value} is more than param_conf.num_epochs {epochs}")
+                raise ValueError(f"{section}.{name} {value:g} is more than param_conf.num_epochs {epochs}")
+        return self
+
+    @model_validator(mode="after")
+    def _stored_views_are_drawn_once(self) -> Config:
+        # A transformers tower reads stored inputs or a frozen backbone's cached outputs: their views are fixed
+        # when the store is written. Cropping cached frames would not be cropping the input (self-attention
+        # is global), so fresh random views cannot be had there.
+        tower = self.model.audio_enc
+        fusion = getattr(tower, "fusion", False)
+        if fusion and self.crops.seconds is not None:
+            raise ValueError("crops.seconds and model.audio_enc.fusion both choose 10 s views: set one of them")
+        if hasattr(tower, "model_id") and self.crops.train_views == 0 and (self.crops.seconds is not None or fusion):
+            what = "crops.seconds" if self.crops.seconds is not None else "model.audio_enc.fusion"
+            stored = "cached backbone outputs" if not tower.trainable else "stored model inputs"
+            raise ValueError(
+                f"{what} with crops.train_views 0 asks for a fresh random view at every draw, but "
+                f"model.audio_enc ({tower.name}, trainable {tower.trainable}) reads {stored}, whose views are drawn "
+                "once: set crops.train_views to the number of views to store per clip"
+            )
         return self
 
     @model_validator(mode="after")

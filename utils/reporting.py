@@ -19,6 +19,12 @@ class TrialHistory:
     history: pd.DataFrame  # one row per reported epoch, columns = metric names
 
 
+def as_epoch(value: float) -> int | float:
+    """A reported ``epoch``: a whole number at epoch ends, a fraction for reports within an epoch."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
 def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.DataFrame:
     """One row per trial: its parameters, status, epochs run and all metrics at its best epoch, best first."""
     rows = []
@@ -32,8 +38,8 @@ def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.Data
             best = trial.history.loc[
                 trial.history[metric].idxmax() if mode == "max" else trial.history[metric].idxmin()
             ]
-            row["epochs_run"] = int(trial.history["epoch"].max())
-            row["best_epoch"] = int(best["epoch"])
+            row["epochs_run"] = as_epoch(trial.history["epoch"].max())
+            row["best_epoch"] = as_epoch(best["epoch"])
             row.update({k: best[k] for k in trial.history.columns if k.startswith(("val/", "train/"))})
         rows.append(row)
     table = pd.DataFrame(rows)

@@ -167,10 +167,15 @@ def atomic_h5(target: Path) -> Iterator[h5py.File]:
 def check_split(
     dataset_dir: Path, split: str, features: FeatureConfig, text_embeddings: TextEmbeddingConfig | None = None
 ) -> None:
-    """Refuse a split whose stores are out of step with its tables or the config: log-mels made
-    from another clip list (clip ids are positions in the sorted names, so one added file shifts
-    them) or with other ``features``, caption embeddings missing captions of the table, or (given
-    ``text_embeddings``) made by another text model or from the other caption column."""
+    """Refuse a split whose log-mel and caption-embedding stores are out of step with its tables or the
+    config (``check_logmels``, ``check_caption_embeddings``)."""
+    check_logmels(dataset_dir, split, features)
+    check_caption_embeddings(dataset_dir, split, text_embeddings)
+
+
+def check_logmels(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
+    """Refuse log-mels made from another clip list (clip ids are positions in the sorted names, so one added
+    file shifts them) or with other ``features``."""
     store, table = logmel_file(dataset_dir, split), audio_table(dataset_dir, split)
     audio = read_table(table, AUDIO_COLUMNS)
     with h5py.File(require_file(store, "preprocessing/audio_logmel.py"), "r") as f:
@@ -193,6 +198,11 @@ def check_split(
             f"{store}: made with other features ({'; '.join(changed)}); "
             "rerun preprocessing/audio_logmel.py with this config"
         )
+
+
+def check_caption_embeddings(dataset_dir: Path, split: str, text_embeddings: TextEmbeddingConfig | None) -> None:
+    """Refuse caption embeddings missing captions of the table or (given ``text_embeddings``) made by
+    another text model or from the other caption column."""
     embeds = text_embeds_file(dataset_dir, split)
     with h5py.File(require_file(embeds, "preprocessing/sbert_embeddings.py"), "r") as f:
         embedded = set(f["cid"][:].tolist())

@@ -18,16 +18,17 @@ from models.losses import LOSSES
 from models.weights import load_weights
 from utils.checkpoints import build_model, load_checkpoint, model_inputs, save_checkpoint
 from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
-from utils.data import CaptionPairs, pair_loader
+from utils.data import CaptionPairs, pair_loader, to_device
 from utils.distributed import gather_batch, world
 from utils.inference import encode_split
 from utils.metrics import flatten_metrics, retrieval_metrics
 from utils.runtime import resolve_device, seed_everything
-from utils.stores import check_split
+from utils.tower_stores import check_inputs
 
 log = logging.getLogger(__name__)
 
-# report(metrics, checkpoint_dir): called once per epoch; the folder is deleted after the call returns.
+# report(metrics, checkpoint_dir): called once per epoch (and every param_conf.val_every_steps optimizer steps);
+# the folder is deleted after the call returns.
 # In a data-parallel run only rank 0 writes a checkpoint; the other ranks get None.
 ReportFn = Callable[[dict[str, float], Path | None], None]
 PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,6 +95,7 @@ def run_epoch(
     optimizer: torch.optim.Optimizer | None = None,
     params: ParamConfig | None = None,
     schedule: Schedule | None = None,
+    every_steps: Callable[[int, float], None] | None = None,
 ) -> float:
     """Mean loss over ``loader``; trains when an optimizer is given, else only evaluates.
 
@@ -101,7 +103,8 @@ def run_epoch(
     to ``clip_grad_norm``, autocast to ``precision`` on CUDA; a per-step ``schedule`` steps after
     every optimizer step and a learnable temperature is clamped after it. In a data-parallel run the
     loss of each training step is taken over the global batch: every worker's embeddings are
-    gathered, so the negatives are those of all workers.
+    gathered, so the negatives are those of all workers. ``every_steps(step, mean loss so far)`` is
+    called after every ``params.val_every_steps``-th optimizer step of the epoch but the last.
     """
     training = optimizer is not None
     params = params or ParamConfig(num_epochs=1)
@@ -111,12 +114,13 @@ def run_epoch(
     if device.type == "cuda" and params.precision in PRECISION:
         autocast = torch.autocast("cuda", dtype=PRECISION[params.precision])
     scaler = torch.amp.GradScaler("cuda", enabled=training and device.type == "cuda" and params.precision == "fp16")
-    total, batches = 0.0, 0
+    total, batches, steps = 0.0, 0, 0
+    last_step = math.ceil(len(loader) / params.accumulate_grad_batches) if training else 0
     with torch.set_grad_enabled(training):
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with autocast:
-                audio, text = model(batch["logmels"], batch["lengths"], batch["text_embeds"])  # (B, E) each
+                audio, text = model(batch["audio"], batch["text"])  # (B, E) each
             audio_ids = batch["audio_ids"]  # (B,)
             if training:
                 audio, text, audio_ids = gather_batch(audio, text, audio_ids)
@@ -131,6 +135,11 @@ def run_epoch(
                 scaler.scale(loss / params.accumulate_grad_batches).backward()
                 if batches % params.accumulate_grad_batches == 0:
                     step(model, optimizer, scaler, params.clip_grad_norm, schedule)
+                    steps += 1
+                    every = params.val_every_steps
+                    if every_steps is not None and every and steps % every == 0 and steps < last_step:
+                        every_steps(steps, total / batches)
+                        model.train(True)
     if training and batches % params.accumulate_grad_batches:  # the last, shorter accumulation
         step(model, optimizer, scaler, params.clip_grad_norm, schedule)
     return total / max(batches, 1)
@@ -160,12 +169,14 @@ def step(
 
 
 def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> None:
-    """Train one configuration, one ``report`` per epoch.
+    """Train one configuration, one ``report`` per epoch (and one every ``param_conf.val_every_steps``
+    optimizer steps within it).
 
-    Every epoch reports ``train/loss``, ``val/loss``, the lr of each parameter group
-    (``train/lr`` for the heads, ``train/lr_<group>`` for the others), ``train/temperature`` when
-    it is learnable, and the validation retrieval metrics (``val/t2a_mAP@10``, ...) with a
-    checkpoint. The evaluation split is never touched.
+    Every report holds ``epoch`` (the epochs done: fractional between epoch ends), ``train/loss``,
+    ``val/loss``, the lr of each parameter group (``train/lr`` for the heads, ``train/lr_<group>`` for
+    the others), ``train/temperature`` when it is learnable, and the validation retrieval metrics
+    (``val/t2a_mAP@10``, ...) with a checkpoint. The evaluation split is never touched. Frozen
+    ``transformers`` backbones are not even loaded: their outputs are read from the stores.
 
     Inside a ``torch.distributed`` process group (one process per worker) the model is wrapped
     in DDP, each worker trains on its shard with ``batch_size / world size`` pairs per step,
@@ -177,11 +188,11 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     data, params = config.data, config.param_conf
     world_size, rank = world()
     for split in (data.train_split, data.val_split):
-        check_split(data.dataset_dir, split, config.features, config.text_embeddings)
+        check_inputs(config, split)
     if params.precision != "fp32" and device.type != "cuda":
         log.warning("param_conf.precision %s applies on CUDA only; training in fp32 on %s", params.precision, device)
     train_loader = pair_loader(
-        CaptionPairs(data.dataset_dir, data.train_split),
+        CaptionPairs(config, data.train_split),
         params.batch_size // world_size,
         shuffle=True,
         seed=config.seed,
@@ -190,7 +201,7 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         rank=rank,
     )
     val_loader = pair_loader(
-        CaptionPairs(data.dataset_dir, data.val_split),
+        CaptionPairs(config, data.val_split),
         params.batch_size,
         shuffle=False,
         seed=config.seed,
@@ -206,10 +217,35 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
     first_epoch = 1
     if resume_from is not None:
-        first_epoch = restore(resume_from, model, optimizer, schedule, config) + 1
+        # a checkpoint from within an epoch restarts that epoch (from the weights it had reached)
+        first_epoch = math.floor(restore(resume_from, model, optimizer, schedule, config)) + 1
         log.info("resumed from %s at epoch %d", resume_from, first_epoch)
     # DDP broadcasts rank 0's (possibly restored) weights to every worker when it wraps the model.
     trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+
+    def validate_and_report(progress: float, train_loss: float, lrs: dict[str, float], epoch_end: bool) -> None:
+        val_loss = run_epoch(model, val_loader, criterion, device)
+        val = encode_split(model, config, data.val_split, device, params.batch_size)
+        metrics = {"epoch": progress, "train/loss": train_loss, "val/loss": val_loss, "train/lr": lrs["heads"]}
+        metrics |= {f"train/lr_{name}": lr for name, lr in lrs.items() if name != "heads"}
+        if model.scale() is not None:
+            metrics["train/temperature"] = 1.0 / model.scale().item()
+        metrics |= flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val")
+        if epoch_end and not schedule.per_step:
+            schedule.scheduler.step(val_loss)
+        log.info(
+            "epoch %g: train/loss %.4f val/loss %.4f val/t2a_mAP@10 %.4f",
+            progress,
+            train_loss,
+            val_loss,
+            metrics["val/t2a_mAP@10"],
+        )
+        if rank > 0:
+            report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder), model, optimizer, schedule.scheduler, config, progress, metrics, inputs)
+            report(metrics, Path(folder))
 
     epoch = first_epoch
     try:
@@ -217,29 +253,13 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
             if world_size > 1:
                 train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every worker
             lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}  # the lrs this epoch starts with
-            train_loss = run_epoch(trained, train_loader, criterion, device, optimizer, params, schedule)
-            val_loss = run_epoch(model, val_loader, criterion, device)
-            val = encode_split(model, data.dataset_dir, data.val_split, device, params.batch_size)
-            metrics = {"epoch": epoch, "train/loss": train_loss, "val/loss": val_loss, "train/lr": lrs.pop("heads")}
-            metrics |= {f"train/lr_{name}": lr for name, lr in lrs.items()}
-            if model.scale() is not None:
-                metrics["train/temperature"] = 1.0 / model.scale().item()
-            metrics |= flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val")
-            if not schedule.per_step:
-                schedule.scheduler.step(val_loss)
-            log.info(
-                "epoch %d: train/loss %.4f val/loss %.4f val/t2a_mAP@10 %.4f",
-                epoch,
-                train_loss,
-                val_loss,
-                metrics["val/t2a_mAP@10"],
-            )
-            if rank > 0:
-                report(metrics, None)
-                continue
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(Path(folder), model, optimizer, schedule.scheduler, config, epoch, metrics, inputs)
-                report(metrics, Path(folder))
+
+            def within(step_no: int, loss: float, epoch: int = epoch) -> None:
+                current = {group["name"]: group["lr"] for group in optimizer.param_groups}
+                validate_and_report(epoch - 1 + step_no / steps_per_epoch, loss, current, epoch_end=False)
+
+            train_loss = run_epoch(trained, train_loader, criterion, device, optimizer, params, schedule, within)
+            validate_and_report(epoch, train_loss, lrs, epoch_end=True)
     except torch.OutOfMemoryError:
         # The trial fails with advice; other trials run in their own processes and go on.
         raise torch.OutOfMemoryError(
@@ -251,8 +271,8 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
 def restore(
     checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, config: Config
-) -> int:
-    """Load a checkpoint's model, optimizer and scheduler state; returns the epoch it was saved after.
+) -> float:
+    """Load a checkpoint's model, optimizer and scheduler state; returns the epochs done when it was saved.
 
     Population based training restarts a trial from another trial's checkpoint with perturbed
     values: the restored optimizer state would keep the old lrs, so the config's lrs win.

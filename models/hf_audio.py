@@ -1,0 +1,293 @@
+"""Audio towers from ``transformers``: a pretrained backbone read at one hidden layer, an optional trainable
+adapter, and padding-aware mean pooling over time.
+
+Each tower is fed what its model was trained on (the feature extractor of the same model id, at its own
+sample rate; ``utils/extractors.py``) and works in one of two modes:
+
+- raw: model inputs (``input_features`` ...) -> backbone -> frames ``(B, T', D)`` + valid lengths ``(B,)``
+  -> adapter -> mean over the valid frames -> ``(B, out_dim)``;
+- cached: a frozen backbone's frames, computed once per dataset (``preprocessing/tower_stores.py``), come
+  in as ``frames``/``lengths`` and only the adapter and the pooling run. Where the head commutes with the
+  pooling (no adapter or a linear one: the mean of affine maps is the affine map of the mean) the store
+  holds each clip's mean frame, ``(B, 1, D)``, and the result is the same to rounding.
+
+A frozen backbone is not part of the state dict: it is the model id's, loaded from there when needed, so
+checkpoints hold only what training changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, PositiveInt, field_validator
+from torch import nn
+
+from models.audio_encoders import AUDIO_ENCODERS
+from models.pretrained import load_pretrained
+from models.registry import StrictModel, configured
+from utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterConfig(StrictModel):
+    """A trainable adapter on the backbone's frames: a linear map, or a 1-D convolution over time
+    (``kernel_size`` frames, zero padding, stride 1, so the valid lengths do not change)."""
+
+    kind: Literal["linear", "conv1d"] = "linear"
+    out_dim: PositiveInt
+    kernel_size: PositiveInt = 3
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, kernel_size: int) -> int:
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so frames stay centred, got {kernel_size}")
+        return kernel_size
+
+
+class PretrainedTowerConfig(StrictModel):
+    """What every ``transformers`` tower's config holds."""
+
+    model_id: str  # hub id, "id@revision" or a local folder written by save_pretrained
+    trainable: bool = False  # False: frozen, its outputs computed once per dataset and read by every trial
+    trust_remote_code: bool = False  # run the model repository's own code: only when set explicitly
+    store: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$")  # stores' name; None: from the class
+
+
+class PretrainedAudioConfig(PretrainedTowerConfig):
+    adapter: AdapterConfig | None = None
+
+
+class LayeredAudioConfig(PretrainedAudioConfig):
+    """Towers whose hidden states can be read at any layer."""
+
+    layer: int | None = None  # index into hidden_states (0: the embeddings, -1: the last); None: last_hidden_state
+
+
+def masked_mean(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean of ``frames`` ``(B, T, D)`` over the first ``lengths`` ``(B,)`` frames of each row -> ``(B, D)``."""
+    valid = (torch.arange(frames.size(1), device=frames.device)[None, :] < lengths[:, None]).to(frames.dtype)
+    return (frames * valid[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(frames.dtype)
+
+
+class Conv1dAdapter(nn.Conv1d):
+    """``(B, T, D) -> (B, T, out_dim)``: a convolution over time, applied frame-major."""
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return super().forward(frames.transpose(1, 2)).transpose(1, 2)
+
+
+def pools_first(adapter: AdapterConfig | None) -> bool:
+    """Whether a head with this adapter commutes with mean pooling (no adapter, or a linear one), so that a
+    frozen backbone's cache may keep one mean frame per clip instead of all its frames."""
+    return adapter is None or adapter.kind == "linear"
+
+
+def build_adapter(config: AdapterConfig | None, in_dim: int) -> nn.Module:
+    if config is None:
+        return nn.Identity()
+    if config.kind == "linear":
+        return nn.Linear(in_dim, config.out_dim)
+    return Conv1dAdapter(in_dim, config.out_dim, config.kernel_size, padding=config.kernel_size // 2)
+
+
+class PretrainedAudioTower(nn.Module):
+    """The shared body of the ``transformers`` audio towers; subclasses load their backbone and turn its
+    outputs into frames and valid lengths (``frames``)."""
+
+    Config: ClassVar[type[PretrainedAudioConfig]]
+    key: ClassVar[str] = "model.audio_enc.model_id"
+
+    def __init__(
+        self, config: PretrainedAudioConfig | None = None, *, frame_dim: int | None = None, load_backbone: bool = True
+    ) -> None:
+        super().__init__()
+        self.config = config = configured(self.Config, config, {})
+        self.backbone: nn.Module | None = None
+        if load_backbone or config.trainable:
+            self.backbone = self.load_backbone(config).requires_grad_(config.trainable)
+            frame_dim = self.backbone.config.hidden_size
+        elif frame_dim is None:
+            raise ValueError("a tower without its backbone needs frame_dim, the width of the stored frames")
+        self.frame_dim = frame_dim
+        self.adapter = build_adapter(config.adapter, frame_dim)
+        self.out_dim = config.adapter.out_dim if config.adapter else frame_dim
+        if not config.trainable:
+            keep_backbone_out_of_checkpoints(self)
+
+    @classmethod
+    def load_backbone(cls, config: PretrainedAudioConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> PretrainedAudioTower:
+        super().train(mode)
+        if self.backbone is not None and not self.config.trainable:
+            self.backbone.eval()  # a frozen backbone keeps its dropout off, as it was when its outputs were cached
+        return self
+
+    def frames(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone on model inputs -> frames ``(B, T', D)`` and their valid lengths ``(B,)``."""
+        raise NotImplementedError
+
+    def head(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Adapter, then the mean over valid frames: ``(B, T', D)`` + ``(B,)`` -> ``(B, out_dim)``."""
+        valid = torch.arange(frames.size(1), device=frames.device)[None, :] < lengths[:, None]  # (B, T')
+        frames = frames.float() * valid[..., None]  # padded frames are zeros, also for the convolution
+        return masked_mean(self.adapter(frames), lengths)
+
+    def forward(
+        self, frames: torch.Tensor | None = None, lengths: torch.Tensor | None = None, **inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Cached frames (``frames``, ``lengths``) or model inputs -> ``(B, out_dim)``."""
+        if frames is None:
+            if self.backbone is None:
+                raise RuntimeError(f"{type(self).__name__} was built without its backbone: pass cached frames")
+            frames, lengths = self.frames(**inputs)
+        return self.head(frames, lengths)
+
+
+def keep_backbone_out_of_checkpoints(tower: nn.Module) -> None:
+    """Leave ``tower.backbone`` (frozen: the model id's weights) out of the state dict, so checkpoints hold
+    only what training changed (``models.weights.load_weights`` checks a loaded state against this one)."""
+
+    def drop(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+        for key in [k for k in state if k.startswith(prefix + "backbone.")]:
+            del state[key]
+
+    tower._register_state_dict_hook(drop)
+
+
+def _hidden(outputs: Any, layer: int | None) -> torch.Tensor:
+    return outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+
+
+@AUDIO_ENCODERS.register
+class WhisperEncoder(PretrainedAudioTower):
+    """The encoder of a Whisper model (``WhisperModel``; its decoder is dropped after loading), on
+    ``WhisperFeatureExtractor`` log-mels ``(B, n_mels, 3000)`` of 30 s windows at 16 kHz. Frames past
+    the clip's end (the extractor's zero padding) are left out of the pooling."""
+
+    class Config(LayeredAudioConfig):
+        name: Literal["WhisperEncoder"] = "WhisperEncoder"
+        model_id: str = "openai/whisper-large-v3"
+
+    def __init__(self, config: Config | None = None, **inputs: Any) -> None:
+        super().__init__(config, **inputs)
+
+    @classmethod
+    def load_backbone(cls, config: Config) -> nn.Module:
+        from transformers import WhisperModel
+
+        model = load_pretrained(
+            WhisperModel.from_pretrained, config.model_id, cls.key, trust_remote_code=config.trust_remote_code
+        )
+        return model.get_encoder()
+
+    def frames(self, input_features: torch.Tensor, n_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_features`` ``(B, n_mels, frames)``; ``n_frames`` ``(B,)`` log-mel frames of real audio."""
+        layer = self.config.layer
+        outputs = self.backbone(input_features, output_hidden_states=layer is not None)
+        hidden = _hidden(outputs, layer)  # (B, frames / 2, D): the second convolution has stride 2
+        return hidden, ((n_frames + 1) // 2).clamp(1, hidden.size(1))
+
+
+@AUDIO_ENCODERS.register
+class ClapAudioEncoder(PretrainedAudioTower):
+    """LAION CLAP's HTS-AT audio model (``ClapAudioModelWithProjection``'s ``audio_model``: its projection
+    is the model's head, see ``DualEncoderModel.Config.init_from``) on ``ClapFeatureExtractor`` input at
+    48 kHz: 10 s log-mels ``(B, 1, 1001, 64)``, or with ``fusion`` a global view of the whole clip and three
+    crops ``(B, 4, 1001, 64)`` plus ``is_longer``. Its frame is the pooled clip embedding ``(B, 1, 768)``."""
+
+    class Config(PretrainedAudioConfig):
+        name: Literal["ClapAudioEncoder"] = "ClapAudioEncoder"
+        model_id: str = "laion/clap-htsat-unfused"
+        fusion: bool = False  # feature fusion for clips over 10 s: needs a fused checkpoint (laion/clap-htsat-fused)
+
+    def __init__(self, config: Config | None = None, **inputs: Any) -> None:
+        super().__init__(config, **inputs)
+
+    @classmethod
+    def load_backbone(cls, config: Config) -> nn.Module:
+        from transformers import ClapAudioModelWithProjection
+
+        model = load_pretrained(
+            ClapAudioModelWithProjection.from_pretrained,
+            config.model_id,
+            cls.key,
+            trust_remote_code=config.trust_remote_code,
+        )
+        if bool(model.config.enable_fusion) != config.fusion:
+            raise ConfigError(
+                f"model.audio_enc.fusion is {config.fusion} but {config.model_id!r} was trained "
+                f"{'with' if model.config.enable_fusion else 'without'} feature fusion"
+            )
+        return model.audio_model
+
+    def frames(self, input_features: torch.Tensor, is_longer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.backbone(input_features=input_features, is_longer=is_longer).pooler_output  # (B, D)
+        return pooled[:, None, :], torch.ones(len(pooled), dtype=torch.long, device=pooled.device)
+
+
+@AUDIO_ENCODERS.register
+class Wav2Vec2BertEncoder(PretrainedAudioTower):
+    """``Wav2Vec2BertModel`` (w2v-BERT 2.0) on ``SeamlessM4TFeatureExtractor`` input ``(B, T, 160)`` at 16 kHz.
+    ``add_adapter``, ``adapter_kernel_size``, ``adapter_stride`` and ``num_adapter_layers`` override the
+    checkpoint's config (the model's own strided adapter, which shortens the sequence)."""
+
+    class Config(LayeredAudioConfig):
+        name: Literal["Wav2Vec2BertEncoder"] = "Wav2Vec2BertEncoder"
+        model_id: str = "facebook/w2v-bert-2.0"
+        add_adapter: bool | None = None  # None: as the checkpoint's config says
+        adapter_kernel_size: PositiveInt | None = None
+        adapter_stride: PositiveInt | None = None
+        num_adapter_layers: PositiveInt | None = None
+
+    def __init__(self, config: Config | None = None, **inputs: Any) -> None:
+        super().__init__(config, **inputs)
+
+    @classmethod
+    def load_backbone(cls, config: Config) -> nn.Module:
+        from transformers import Wav2Vec2BertModel
+
+        names = ("add_adapter", "adapter_kernel_size", "adapter_stride", "num_adapter_layers")
+        overrides = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+        model = load_pretrained(
+            Wav2Vec2BertModel.from_pretrained,
+            config.model_id,
+            cls.key,
+            trust_remote_code=config.trust_remote_code,
+            **overrides,
+        )
+        # The adapter's strided convolutions read padded frames into the last valid ones (and its attention
+        # spreads them), so a clip's frames would depend on its batch: zero the padding before each of them.
+        model.encoder.register_forward_hook(_zero_padded_encoder_frames, with_kwargs=True)
+        for layer in getattr(model.adapter, "layers", []) if model.adapter is not None else []:
+            layer.register_forward_hook(_zero_padded_adapter_frames, with_kwargs=True)
+        return model
+
+    def frames(self, input_features: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.config.layer
+        outputs = self.backbone(input_features, attention_mask=attention_mask, output_hidden_states=layer is not None)
+        lengths = attention_mask.sum(-1)  # (B,) valid input frames
+        if layer is None:  # after the model's own strided adapter, when it has one: the model's own formula
+            lengths = self.backbone._get_feat_extract_output_lengths(lengths)
+        hidden = _hidden(outputs, layer)
+        return hidden, lengths.clamp(1, hidden.size(1))
+
+
+def _zero_padded_encoder_frames(module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+    mask = kwargs.get("attention_mask")
+    if mask is not None:  # (B, T) 1 for real frames
+        out.last_hidden_state = out.last_hidden_state * mask[..., None].to(out.last_hidden_state.dtype)
+    return out
+
+
+def _zero_padded_adapter_frames(module: nn.Module, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+    lengths = kwargs.get("sub_sampled_lengths")  # (B,) frames left after this layer's stride
+    if lengths is None:
+        return out
+    valid = torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
+    return out * valid[..., None].to(out.dtype)

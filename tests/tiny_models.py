@@ -1,0 +1,138 @@
+"""Tiny randomly initialised ``transformers`` models of the real classes, written with ``save_pretrained`` (model,
+feature extractor, tokenizer) into a folder that the recipes' model-id keys then load: the tests go through the
+real ``from_pretrained`` path, offline, in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    ClapAudioConfig,
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
+    ClapTextConfig,
+    RobertaConfig,
+    RobertaModel,
+    RobertaTokenizer,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2BertConfig,
+    Wav2Vec2BertModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
+
+
+def byte_tokenizer() -> RobertaTokenizer:
+    """A RoBERTa tokenizer over the 256 byte-level characters (no merges): any text, 261 ids, offline."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    return RobertaTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_whisper(folder: Path, chunk_seconds: int = 6) -> Path:
+    """A 1-layer Whisper (d_model 32) whose extractor pads or cuts to ``chunk_seconds`` at 16 kHz."""
+    torch.manual_seed(0)
+    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_seconds)
+    config = WhisperConfig(
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_source_positions=extractor.nb_max_frames // 2,  # the encoder takes exactly the extractor's frames
+        max_target_positions=32,
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    WhisperModel(config).save_pretrained(folder)
+    extractor.save_pretrained(folder)
+    return folder
+
+
+def tiny_roberta(folder: Path) -> Path:
+    """A 1-layer RoBERTa (hidden 32) with the byte-level tokenizer."""
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=261,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_clap(folder: Path, fusion: bool = False) -> Path:
+    """A whole tiny ``ClapModel`` (2-stage HTS-AT, 1-layer RoBERTa, 16-d projections), its 48 kHz extractor and
+    the byte-level tokenizer: what a released CLAP checkpoint folder holds."""
+    torch.manual_seed(0)
+    audio = ClapAudioConfig(
+        spec_size=256,
+        num_mel_bins=64,
+        window_size=8,
+        patch_size=4,
+        patch_stride=[4, 4],
+        depths=[1, 1],
+        num_attention_heads=[1, 2],
+        patch_embeds_hidden_size=8,
+        hidden_size=16,  # the last Swin stage's width: patch_embeds_hidden_size * 2 ** (stages - 1)
+        mlp_ratio=2.0,
+        enable_fusion=fusion,
+    )
+    text = ClapTextConfig(
+        vocab_size=261,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=90,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    config = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=16)
+    model = ClapModel(config)
+    with torch.no_grad():  # not CLIP's initial value, so a test can tell that it was loaded
+        model.logit_scale_t.fill_(3.0)
+    model.save_pretrained(folder)
+    ClapFeatureExtractor().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_w2v_bert(folder: Path, **adapter: object) -> Path:
+    """A 1-layer ``Wav2Vec2BertModel`` (hidden 32) and its 16 kHz ``SeamlessM4TFeatureExtractor``."""
+    torch.manual_seed(0)
+    config = Wav2Vec2BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        feature_projection_input_dim=160,
+        conv_depthwise_kernel_size=3,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        apply_spec_augment=False,
+        **adapter,
+    )
+    Wav2Vec2BertModel(config).save_pretrained(folder)
+    SeamlessM4TFeatureExtractor(feature_size=80, num_mel_bins=80, sampling_rate=16000, stride=2).save_pretrained(folder)
+    return folder

@@ -1,0 +1,134 @@
+"""Model inputs for the ``transformers`` towers: each tower's own feature extractor (loaded from the same
+model id) on one view of a clip, and the batching of those inputs; tokenised captions for text towers.
+
+An extractor turns a mono wave at its ``sample_rate`` into one item: ``rows``, a 2-D array (what a store
+keeps, concatenated over items), and scalar extras; ``collate`` turns items into the tower's keyword
+inputs. Items are what ``preprocessing/tower_stores.py`` stores, so a stored item and a fresh one are
+the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from models.hf_audio import ClapAudioEncoder, PretrainedAudioConfig, Wav2Vec2BertEncoder, WhisperEncoder
+from models.hf_text import PretrainedTextConfig
+from models.pretrained import load_pretrained
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Item = dict[str, np.ndarray]  # "rows": (n, width) float32, plus scalar extras
+
+
+class WhisperInputs:
+    """``WhisperFeatureExtractor``: log-mels ``(n_mels, frames)`` of a window padded or cut to its chunk length
+    (30 s), and ``n_frames``, the frames that hold audio (its attention mask)."""
+
+    def __init__(self, config: WhisperEncoder.Config) -> None:
+        from transformers import WhisperFeatureExtractor
+
+        self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, config.model_id, WhisperEncoder.key)
+        self.sample_rate = int(self.extractor.sampling_rate)
+
+    def extract(self, wave: np.ndarray, seed: int) -> Item:
+        out = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np", return_attention_mask=True)
+        return {"rows": out["input_features"][0].T, "n_frames": np.int64(out["attention_mask"][0].sum())}
+
+    def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        rows = np.stack([item["rows"] for item in items])  # (B, frames, n_mels)
+        return {
+            "input_features": torch.from_numpy(rows).float().transpose(1, 2),  # (B, n_mels, frames)
+            "n_frames": torch.tensor([int(item["n_frames"]) for item in items]),
+        }
+
+
+class ClapInputs:
+    """``ClapFeatureExtractor`` at 48 kHz: log-mels of a 10 s window ``(1, 1001, 64)`` (longer clips cropped at
+    random, shorter ones repeated then padded), or with ``fusion`` the whole clip shrunk to 10 s plus three
+    random 10 s crops from its front, middle and back thirds ``(4, 1001, 64)``, and ``is_longer``."""
+
+    def __init__(self, config: ClapAudioEncoder.Config) -> None:
+        from transformers import ClapFeatureExtractor
+
+        self.extractor = load_pretrained(
+            ClapFeatureExtractor.from_pretrained,
+            config.model_id,
+            ClapAudioEncoder.key,
+            truncation="fusion" if config.fusion else "rand_trunc",
+            padding="repeatpad",
+        )
+        self.sample_rate = int(self.extractor.sampling_rate)
+
+    def extract(self, wave: np.ndarray, seed: int) -> Item:
+        np.random.seed(seed)  # the extractor draws its crops with NumPy's global generator
+        out = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np")
+        features = out["input_features"][0]  # (views, frames, n_mels)
+        # The extractor marks a random clip of a batch with no long clip as long (a training trick of CLAP's,
+        # so the fusion branch always learns); one clip at a time, that would mark every short clip.
+        longer = len(wave) > self.extractor.nb_max_samples
+        return {"rows": features.reshape(-1, features.shape[-1]), "views": np.int64(len(features)), "is_longer": longer}
+
+    def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        views, n_mels = int(items[0]["views"]), items[0]["rows"].shape[-1]
+        rows = np.stack([item["rows"] for item in items])  # (B, views * frames, n_mels)
+        return {
+            "input_features": torch.from_numpy(rows).float().reshape(len(items), views, -1, n_mels),
+            "is_longer": torch.tensor([[bool(item["is_longer"])] for item in items]),
+        }
+
+
+class SeamlessInputs:
+    """``SeamlessM4TFeatureExtractor`` (w2v-BERT 2.0) at 16 kHz: stacked log-mel frames ``(T, 160)`` of any
+    length, batched with zero padding and an attention mask."""
+
+    def __init__(self, config: Wav2Vec2BertEncoder.Config) -> None:
+        from transformers import AutoFeatureExtractor
+
+        self.extractor = load_pretrained(AutoFeatureExtractor.from_pretrained, config.model_id, Wav2Vec2BertEncoder.key)
+        self.sample_rate = int(self.extractor.sampling_rate)
+
+    def extract(self, wave: np.ndarray, seed: int) -> Item:
+        out = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np")
+        return {"rows": out["input_features"][0]}
+
+    def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        lengths = [len(item["rows"]) for item in items]
+        features = torch.full((len(items), max(lengths), items[0]["rows"].shape[1]), self.extractor.padding_value)
+        for i, item in enumerate(items):
+            features[i, : lengths[i]] = torch.from_numpy(item["rows"])
+        mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+        return {"input_features": features, "attention_mask": mask.long()}
+
+
+EXTRACTORS = {"WhisperEncoder": WhisperInputs, "ClapAudioEncoder": ClapInputs, "Wav2Vec2BertEncoder": SeamlessInputs}
+
+
+def make_extractor(config: PretrainedAudioConfig) -> WhisperInputs | ClapInputs | SeamlessInputs:
+    """The input maker of the ``transformers`` audio tower that ``config`` describes."""
+    return EXTRACTORS[config.name](config)
+
+
+class CaptionTokens:
+    """The text tower's own tokenizer: captions -> ``input_ids``, ``attention_mask`` ``(B, L)``, cut at
+    ``max_length`` tokens and padded to the longest caption of the batch."""
+
+    def __init__(self, config: PretrainedTextConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer: PreTrainedTokenizerBase = load_pretrained(
+            AutoTokenizer.from_pretrained,
+            config.model_id,
+            "model.text_enc.model_id",
+            trust_remote_code=config.trust_remote_code,
+        )
+        self.max_length = min(config.max_length, self.tokenizer.model_max_length)  # what the model can take
+
+    def __call__(self, captions: list[str]) -> dict[str, Any]:
+        tokens = self.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
