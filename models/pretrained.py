@@ -41,11 +41,13 @@ def load_pretrained(loader: Callable[..., M], model_id: str, key: str, **kwargs:
             return loader(name, **kwargs)
         except Exception as err:  # a folder of another model kind, or damaged files
             raise ConfigError(f"{key}: cannot load {model_id!r} from its folder ({_reason(err)})") from None
-    try:
-        return loader(name, revision=revision, local_files_only=True, **kwargs)
-    except Exception:  # not (completely) in the cache: ask the hub once, with a short timeout
-        pass
-    from huggingface_hub import model_info
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):  # in the cache
+        try:
+            return loader(name, revision=revision, local_files_only=True, **kwargs)
+        except Exception:  # not completely in the cache: ask the hub once, with a short timeout
+            pass
 
     try:
         model_info(name, revision=revision, timeout=HUB_TIMEOUT_S)

@@ -34,8 +34,9 @@ from utils.checkpoints import (
 )
 from utils.config import load_raw, validate, with_overrides
 from utils.errors import AudioError, CheckpointError, DatasetError
-from utils.stores import LogmelStore, audio_table, check_split, logmel_file, text_embeds_file, text_table
+from utils.stores import LogmelStore, audio_table, logmel_file, text_embeds_file, text_table
 from utils.text import TextEmbeddingConfig
+from utils.tower_stores import check_inputs
 from utils.training import train
 
 FEATURES = FeatureConfig(sample_rate=16000, window_ms=40, hop_ms=20, n_mels=32)
@@ -405,15 +406,16 @@ def test_main_refuses_impossible_configs_before_ray_starts(tiny_dataset, overrid
 def test_stores_out_of_step_with_tables_or_config_are_refused(tiny_dataset, tmp_path):
     dataset = tmp_path / "copy"
     shutil.copytree(tiny_dataset, dataset)
-    features = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset}"])).features
-    check_split(dataset, "validation", features)  # in step
+    config = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset}"]))
+    features = config.features
+    check_inputs(config, "validation")  # in step
 
     with pytest.raises(
         DatasetError,
         match=r"made with other features \(n_mels 64 in the store, 32 in the config\); "
         r"rerun preprocessing/audio_logmel\.py",
     ):
-        check_split(dataset, "validation", features.model_copy(update={"n_mels": 32}))
+        check_inputs(config.model_copy(update={"features": features.model_copy(update={"n_mels": 32})}), "validation")
 
     # A clip added to the captions file shifts the ids of every clip sorted after it.
     captions = pd.read_csv(dataset / "validation_captions.csv")
@@ -424,14 +426,14 @@ def test_stores_out_of_step_with_tables_or_config_are_refused(tiny_dataset, tmp_
     with pytest.raises(
         DatasetError, match=r"validation_logmel\.h5: made from another clip list than validation_audio\.csv"
     ):
-        check_split(dataset, "validation", features)
+        check_inputs(config, "validation")
     extract_split(dataset, "validation", features, workers=1)
     with pytest.raises(
         DatasetError,
         match=r"no embedding for caption id\(s\) \[60\] of validation_text\.csv; "
         r"rerun preprocessing/sbert_embeddings\.py",
     ):
-        check_split(dataset, "validation", features)
+        check_inputs(config, "validation")
 
 
 def test_damaged_best_json_is_one_line(tmp_path):
@@ -442,7 +444,7 @@ def test_damaged_best_json_is_one_line(tmp_path):
 
 def test_caption_embeddings_of_another_model_or_column_are_refused(tiny_dataset):
     config = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={tiny_dataset}"]))
-    check_split(tiny_dataset, "validation", config.features, config.text_embeddings)  # in step
+    check_inputs(config, "validation")  # in step
     for change, said in [
         (
             {"caption_column": "text"},
@@ -451,4 +453,5 @@ def test_caption_embeddings_of_another_model_or_column_are_refused(tiny_dataset)
         ({"model_name": "all-mpnet-base-v2"}, "the config asks for all-mpnet-base-v2 on raw_text"),
     ]:
         with pytest.raises(DatasetError, match=re.escape(said) + r"; rerun preprocessing/sbert_embeddings\.py"):
-            check_split(tiny_dataset, "validation", config.features, config.text_embeddings.model_copy(update=change))
+            text_embeddings = config.text_embeddings.model_copy(update=change)
+            check_inputs(config.model_copy(update={"text_embeddings": text_embeddings}), "validation")

@@ -13,6 +13,7 @@ SCRIPTS = [
     "preprocessing/clotho_dataset.py",
     "preprocessing/audio_logmel.py",
     "preprocessing/sbert_embeddings.py",
+    "preprocessing/tower_stores.py",
     "preprocessing/cnn14_transfer.py",
     "postprocessing/xmodal_scores.py",
     "postprocessing/xmodal_retrieval.py",

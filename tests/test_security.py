@@ -69,10 +69,13 @@ def test_checkpoint_holding_a_pickled_object_is_refused_without_running_it(tmp_p
         load_checkpoint(tmp_path)
 
 
-def test_stored_features_and_embeddings_are_plain_arrays(tiny_dataset):
+def test_stored_features_embeddings_and_tower_stores_are_plain_arrays(tiny_dataset):
     def check(name, item):
         if isinstance(item, h5py.Dataset):
-            assert item.dtype.kind in "fiu" or h5py.check_string_dtype(item.dtype), (name, item.dtype)
+            assert item.dtype.kind in "fiub" or h5py.check_string_dtype(item.dtype), (
+                name,
+                item.dtype,
+            )  # numbers, flags
 
     for path in tiny_dataset.glob("*.h5"):
         with h5py.File(path) as f:

@@ -35,18 +35,18 @@ def byte_tokenizer() -> RobertaTokenizer:
     return RobertaTokenizer(vocab=vocab, merges=[])
 
 
-def tiny_whisper(folder: Path, chunk_seconds: int = 6) -> Path:
-    """A 1-layer Whisper (d_model 32) whose extractor pads or cuts to ``chunk_seconds`` at 16 kHz."""
+def tiny_whisper(folder: Path, chunk_seconds: int = 6, d_model: int = 32, layers: int = 1, heads: int = 2) -> Path:
+    """A Whisper (1 layer, d_model 32 unless told) whose extractor pads or cuts to ``chunk_seconds`` at 16 kHz."""
     torch.manual_seed(0)
     extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_seconds)
     config = WhisperConfig(
-        d_model=32,
-        encoder_layers=1,
+        d_model=d_model,
+        encoder_layers=layers,
         decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
         num_mel_bins=80,
         max_source_positions=extractor.nb_max_frames // 2,  # the encoder takes exactly the extractor's frames
         max_target_positions=32,

@@ -164,15 +164,6 @@ def atomic_h5(target: Path) -> Iterator[h5py.File]:
         yield f
 
 
-def check_split(
-    dataset_dir: Path, split: str, features: FeatureConfig, text_embeddings: TextEmbeddingConfig | None = None
-) -> None:
-    """Refuse a split whose log-mel and caption-embedding stores are out of step with its tables or the
-    config (``check_logmels``, ``check_caption_embeddings``)."""
-    check_logmels(dataset_dir, split, features)
-    check_caption_embeddings(dataset_dir, split, text_embeddings)
-
-
 def check_logmels(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
     """Refuse log-mels made from another clip list (clip ids are positions in the sorted names, so one added
     file shifts them) or with other ``features``."""

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import PositiveInt
 
+from models.pretrained import load_pretrained
 from models.registry import StrictModel
-from utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -54,13 +54,11 @@ class TextEmbeddingConfig(StrictModel):
         return raw_text if self.caption_column == "raw_text" else normalise_caption(raw_text)
 
 
-HUB_TIMEOUT_S = 10  # one question to the hub before downloading, instead of minutes of retries
-
-
 def load_sentence_model(name: str, device: torch.device) -> SentenceTransformer:
-    """A ``SentenceTransformer`` for ``name``: the bundled copy when installed, a local folder, the
-    Hugging Face cache, or else a download. A model that none of these has fails at once with one
-    ``ConfigError`` naming it and the config key."""
+    """A ``SentenceTransformer`` for ``name`` (a hub id, ``id@revision`` or a local folder): the bundled copy
+    when installed, else as ``models.pretrained.load_pretrained`` finds it (folder, cache, or a download the
+    hub confirmed). A model that none of these has fails at once with one ``ConfigError`` naming it and the
+    config key."""
     from sentence_transformers import SentenceTransformer  # heavy import, only where text is embedded
 
     if name in BUNDLED_MODELS and importlib.util.find_spec(BUNDLED_MODELS[name][0]) is not None:
@@ -68,25 +66,7 @@ def load_sentence_model(name: str, device: torch.device) -> SentenceTransformer:
         location = str(getattr(importlib.import_module(module), function)())
         log.info("using the packaged copy of %s at %s", name, location)
         return SentenceTransformer(location, device=str(device))
-    if Path(name).expanduser().is_dir():
-        return SentenceTransformer(str(Path(name).expanduser()), device=str(device))
-    from huggingface_hub import model_info, snapshot_download
-
-    # sentence-transformers looks up a bare name (all-mpnet-base-v2) under its own organisation
-    repo_id = name if "/" in name else f"sentence-transformers/{name}"
-    try:
-        snapshot_download(repo_id, local_files_only=True)
-        return SentenceTransformer(repo_id, device=str(device), local_files_only=True)
-    except Exception:  # not (completely) in the cache: ask the hub once, with a short timeout
-        pass
-    try:
-        model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except Exception as err:  # offline mode, no network, unknown id, gated repo: all mean "cannot load"
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"text_embeddings.model_name: cannot load {name!r}: it is no local folder, not in the Hugging Face cache, "
-            f"and the hub did not give it ({type(err).__name__}: {reason}); download it once where there is "
-            "internet, or name a local folder written by save_pretrained"
-        ) from None
-    log.info("downloading %s from the Hugging Face hub", repo_id)
-    return SentenceTransformer(repo_id, device=str(device))
+    if not Path(name).expanduser().is_dir() and "/" not in name.partition("@")[0]:
+        name = f"sentence-transformers/{name}"  # sentence-transformers' own organisation, as it looks bare names up
+    load = lambda model_id, **kwargs: SentenceTransformer(model_id, device=str(device), **kwargs)
+    return load_pretrained(load, name, "text_embeddings.model_name")
