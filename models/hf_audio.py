@@ -94,7 +94,46 @@ def build_adapter(config: AdapterConfig | None, in_dim: int) -> nn.Module:
     return Conv1dAdapter(in_dim, config.out_dim, config.kernel_size, padding=config.kernel_size // 2)
 
 
-class PretrainedAudioTower(nn.Module):
+class PretrainedTower(nn.Module):
+    """What the ``transformers`` towers share: the backbone of the config's model id, loaded unless it is frozen
+    and its outputs come from a store (then ``width`` is theirs), trainable or frozen as configured; a frozen
+    backbone keeps its dropout off and stays out of the state dict (it is the model id's)."""
+
+    Config: ClassVar[type[PretrainedTowerConfig]]
+    key: ClassVar[str]  # the config key of the model id, for errors
+
+    def __init__(self, config: PretrainedTowerConfig | None, width: int | None, load_backbone: bool) -> None:
+        super().__init__()
+        self.config = config = configured(self.Config, config, {})
+        self.backbone: nn.Module | None = None
+        if load_backbone or config.trainable:
+            self.backbone = self.load_backbone(config).requires_grad_(config.trainable)
+            width = self.backbone.config.hidden_size
+        elif width is None:
+            raise ValueError(f"{type(self).__name__} without its backbone needs the width of its stored outputs")
+        self.width = width
+        if not config.trainable:
+            self._register_state_dict_hook(_drop_backbone)
+
+    @classmethod
+    def load_backbone(cls, config: PretrainedTowerConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> PretrainedTower:
+        super().train(mode)
+        if self.backbone is not None and not self.config.trainable:
+            self.backbone.eval()  # as it was when its outputs were cached
+        return self
+
+
+def _drop_backbone(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """State-dict hook: leave a frozen backbone out, so checkpoints hold only what training changed
+    (``models.weights.load_weights`` checks a loaded state against this one)."""
+    for key in [k for k in state if k.startswith(prefix + "backbone.")]:
+        del state[key]
+
+
+class PretrainedAudioTower(PretrainedTower):
     """The shared body of the ``transformers`` audio towers; subclasses load their backbone and turn its
     outputs into frames and valid lengths (``frames``)."""
 
@@ -104,29 +143,9 @@ class PretrainedAudioTower(nn.Module):
     def __init__(
         self, config: PretrainedAudioConfig | None = None, *, frame_dim: int | None = None, load_backbone: bool = True
     ) -> None:
-        super().__init__()
-        self.config = config = configured(self.Config, config, {})
-        self.backbone: nn.Module | None = None
-        if load_backbone or config.trainable:
-            self.backbone = self.load_backbone(config).requires_grad_(config.trainable)
-            frame_dim = self.backbone.config.hidden_size
-        elif frame_dim is None:
-            raise ValueError("a tower without its backbone needs frame_dim, the width of the stored frames")
-        self.frame_dim = frame_dim
-        self.adapter = build_adapter(config.adapter, frame_dim)
-        self.out_dim = config.adapter.out_dim if config.adapter else frame_dim
-        if not config.trainable:
-            keep_backbone_out_of_checkpoints(self)
-
-    @classmethod
-    def load_backbone(cls, config: PretrainedAudioConfig) -> nn.Module:
-        raise NotImplementedError
-
-    def train(self, mode: bool = True) -> PretrainedAudioTower:
-        super().train(mode)
-        if self.backbone is not None and not self.config.trainable:
-            self.backbone.eval()  # a frozen backbone keeps its dropout off, as it was when its outputs were cached
-        return self
+        super().__init__(config, frame_dim, load_backbone)
+        self.adapter = build_adapter(self.config.adapter, self.width)
+        self.out_dim = self.config.adapter.out_dim if self.config.adapter else self.width
 
     def frames(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone on model inputs -> frames ``(B, T', D)`` and their valid lengths ``(B,)``."""
@@ -147,17 +166,6 @@ class PretrainedAudioTower(nn.Module):
                 raise RuntimeError(f"{type(self).__name__} was built without its backbone: pass cached frames")
             frames, lengths = self.frames(**inputs)
         return self.head(frames, lengths)
-
-
-def keep_backbone_out_of_checkpoints(tower: nn.Module) -> None:
-    """Leave ``tower.backbone`` (frozen: the model id's weights) out of the state dict, so checkpoints hold
-    only what training changed (``models.weights.load_weights`` checks a loaded state against this one)."""
-
-    def drop(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
-        for key in [k for k in state if k.startswith(prefix + "backbone.")]:
-            del state[key]
-
-    tower._register_state_dict_hook(drop)
 
 
 def _hidden(outputs: Any, layer: int | None) -> torch.Tensor:

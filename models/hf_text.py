@@ -14,9 +14,8 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from models.hf_audio import PretrainedTowerConfig, keep_backbone_out_of_checkpoints, masked_mean
+from models.hf_audio import PretrainedTower, PretrainedTowerConfig, masked_mean
 from models.pretrained import load_pretrained
-from models.registry import configured
 from models.text_encoders import TEXT_ENCODERS
 
 
@@ -24,7 +23,7 @@ class PretrainedTextConfig(PretrainedTowerConfig):
     max_length: PositiveInt = 77  # tokens per caption (CLAP: 77); longer captions are truncated
 
 
-class PretrainedTextTower(nn.Module):
+class PretrainedTextTower(PretrainedTower):
     """The shared body of the ``transformers`` text towers; subclasses load the backbone and pool."""
 
     Config: ClassVar[type[PretrainedTextConfig]]
@@ -33,27 +32,8 @@ class PretrainedTextTower(nn.Module):
     def __init__(
         self, config: PretrainedTextConfig | None = None, *, in_dim: int | None = None, load_backbone: bool = True
     ) -> None:
-        super().__init__()
-        self.config = config = configured(self.Config, config, {})
-        self.backbone: nn.Module | None = None
-        if load_backbone or config.trainable:
-            self.backbone = self.load_backbone(config).requires_grad_(config.trainable)
-            in_dim = self.backbone.config.hidden_size
-        elif in_dim is None:
-            raise ValueError("a text tower without its backbone needs in_dim, the width of the stored vectors")
-        self.out_dim = in_dim
-        if not config.trainable:
-            keep_backbone_out_of_checkpoints(self)
-
-    @classmethod
-    def load_backbone(cls, config: PretrainedTextConfig) -> nn.Module:
-        raise NotImplementedError
-
-    def train(self, mode: bool = True) -> PretrainedTextTower:
-        super().train(mode)
-        if self.backbone is not None and not self.config.trainable:
-            self.backbone.eval()
-        return self
+        super().__init__(config, in_dim, load_backbone)
+        self.out_dim = self.width
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The backbone on tokens ``(B, L)`` -> ``(B, D)``."""

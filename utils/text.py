@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import PositiveInt
 
-from models.pretrained import load_pretrained
 from models.registry import StrictModel
 
 if TYPE_CHECKING:
@@ -60,6 +59,8 @@ def load_sentence_model(name: str, device: torch.device) -> SentenceTransformer:
     hub confirmed). A model that none of these has fails at once with one ``ConfigError`` naming it and the
     config key."""
     from sentence_transformers import SentenceTransformer  # heavy import, only where text is embedded
+
+    from models.pretrained import load_pretrained  # not at the top: indexing a dataset reads captions only
 
     if name in BUNDLED_MODELS and importlib.util.find_spec(BUNDLED_MODELS[name][0]) is not None:
         module, function = BUNDLED_MODELS[name]
