@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT
-from tiny_models import tiny_roberta, tiny_w2v_bert, tiny_whisper
+from tiny_models import tiny_clap, tiny_roberta, tiny_w2v_bert, tiny_whisper
 
-from models import AutoTextEncoder, Wav2Vec2BertEncoder, WhisperEncoder
+from models import AutoTextEncoder, ClapAudioEncoder, Wav2Vec2BertEncoder, WhisperEncoder
 from models.losses import LOSSES
 from models.weights import load_weights
 from preprocessing.tower_stores import prepare_split, tower_outputs, write_audio_store
@@ -19,8 +19,9 @@ from utils.checkpoints import build_model
 from utils.config import load_raw, validate, with_overrides
 from utils.data import CaptionPairs, StoredViews, audio_source, collate_frames, pad_logmels, pair_loader
 from utils.errors import ConfigError
-from utils.extractors import CaptionTokens, SeamlessInputs, WhisperInputs, make_extractor
+from utils.extractors import CaptionTokens, ClapInputs, SeamlessInputs, WhisperInputs, make_extractor
 from utils.inference import encode_split
+from utils.tower_stores import audio_store
 from utils.training import make_optimizer, run_epoch, train
 
 
@@ -229,3 +230,42 @@ def test_logmel_crops_are_fresh_in_training_and_windows_averaged_in_evaluation(t
     fnames = pd.read_csv(config.data.dataset_dir / "validation_audio.csv").set_index("fid")["fname"]
     row = split.fnames.index(fnames[fid])
     assert torch.allclose(split.audio[row], expected, atol=1e-5)
+
+
+def test_clap_fusion_input_is_the_whole_clip_and_three_crops_of_long_clips(tmp_path):
+    folder = tiny_clap(tmp_path / "clap-fused", fusion=True)
+    tower = ClapAudioEncoder(ClapAudioEncoder.Config(model_id=str(folder), fusion=True)).eval()
+    extractor = ClapInputs(tower.config)
+    long, short = waves((15.0, 4.0), rate=48000)
+    items = [extractor.extract(long, seed=1), extractor.extract(short, seed=1)]
+    batch = extractor.collate(items)
+    assert batch["input_features"].shape == (2, 4, 1001, 64) and batch["is_longer"].tolist() == [[True], [False]]
+    again = extractor.collate([extractor.extract(long, seed=1)])["input_features"]
+    assert torch.equal(again[0], batch["input_features"][0])  # the random crops are seeded: a store is reproducible
+    with torch.no_grad():
+        assert tower(**batch).shape == (2, 16)
+    with pytest.raises(ConfigError, match="fusion is False but .* was trained with feature fusion"):
+        ClapAudioEncoder(ClapAudioEncoder.Config(model_id=str(folder)))
+
+
+def test_an_interrupted_store_continues_from_its_finished_parts(tiny_dataset, folders, tmp_path, monkeypatch):
+    config = validate(whisper_recipe(tiny_dataset, folders, tmp_path, **{"model.audio_enc.store": "resumed"}))
+    calls, crashed = [], []
+    original = WhisperInputs.extract
+
+    def crash_in_the_second_part(self, wave, seed):
+        calls.append(seed)
+        if len(calls) == 12 and not crashed:
+            crashed.append(seed)
+            raise MemoryError("the process dies here")
+        return original(self, wave, seed)
+
+    monkeypatch.setattr(WhisperInputs, "extract", crash_in_the_second_part)
+    with pytest.raises(MemoryError):
+        write_audio_store(config, "development", torch.device("cpu"), part_size=8)
+    path, _ = audio_store(config, "development")
+    assert not path.exists() and len(list(path.with_name(f"{path.stem}.parts").glob("*.h5"))) == 1
+    calls.clear()
+    write_audio_store(config, "development", torch.device("cpu"), part_size=8)
+    assert len(calls) == 16 and path.is_file()  # the first part's 8 clips were not redone
+    assert not path.with_name(f"{path.stem}.parts").exists()

@@ -22,7 +22,7 @@ from models.weights import load_weights, read_safetensors, read_torch_file
 from utils.config import Config, validate
 from utils.errors import CheckpointError
 from utils.stores import LogmelStore, logmel_file, read_json, text_embed_dim, text_embeds_file
-from utils.tower_stores import RowStore, audio_store, is_pretrained, text_store
+from utils.tower_stores import audio_store, is_pretrained, open_store, text_store
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "epoch", "metrics")
@@ -103,10 +103,10 @@ def model_inputs(config: Config) -> dict[str, int]:
     if store is None:
         inputs["n_mels"] = LogmelStore(logmel_file(data.dataset_dir, data.train_split)).n_mels
     elif store[1]["kind"] == "outputs":
-        inputs["audio_dim"] = RowStore(store[0]).width
+        inputs["audio_dim"] = open_store(store[0]).width
     text = text_store(config, data.train_split)
     if text is not None:
-        inputs["text_dim"] = RowStore(text[0]).width
+        inputs["text_dim"] = open_store(text[0]).width
     elif not is_pretrained(config.model.text_enc):
         inputs["text_dim"] = text_embed_dim(text_embeds_file(data.dataset_dir, data.train_split))
     return inputs

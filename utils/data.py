@@ -32,7 +32,7 @@ from utils.stores import (
     text_embeds_file,
     text_table,
 )
-from utils.tower_stores import RowStore, audio_store, is_pretrained, text_store
+from utils.tower_stores import audio_store, is_pretrained, open_store, text_store
 
 
 def pad_logmels(logmels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +82,7 @@ class StoredViews:
     backbone's outputs; one of a clip's stored views per training draw, all of them for evaluation."""
 
     def __init__(self, path: Path, collate: Any) -> None:
-        self.store, self.collate = RowStore(path), collate
+        self.store, self.collate = open_store(path), collate
         self.fids = set(self.store.items_of)
 
     def sample(self, fid: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -150,7 +150,7 @@ def text_source(config: Config, split: str) -> TextSource:
     if store is None:
         cids, vectors, _ = read_text_embeds(text_embeds_file(config.data.dataset_dir, split))
         return CaptionVectors(cids, vectors)
-    rows = RowStore(store[0])
+    rows = open_store(store[0])
     return CaptionVectors(rows.ids, np.stack([rows.rows(i)[0] for i in range(len(rows))]).astype(np.float32))
 
 

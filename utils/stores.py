@@ -213,34 +213,53 @@ def check_caption_embeddings(dataset_dir: Path, split: str, text_embeddings: Tex
         )
 
 
-class LogmelStore:
-    """Read access to ``{split}_logmel.h5``: clip ``fid`` -> ``(frames, n_mels)`` float32.
+class RowStore:
+    """Read access to a store of items, each a 2-D array: ``rows`` concatenated, ``offsets`` (n+1,), item ids
+    (``ids``: one per item, several items per id for views of one clip) and per-item scalars (``extra/*``).
+    The HDF5 handle opens lazily, so the store can be sent to DataLoader worker processes."""
 
-    The file holds all clips concatenated along time (``logmel``), with ``offsets`` (n+1,)
-    marking each clip's rows, so a clip is one contiguous slice read. The HDF5 handle is
-    opened lazily so the store can be sent to DataLoader worker processes.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = require_file(path, "preprocessing/audio_logmel.py")
+    def __init__(self, path: Path, writer: str, rows: str = "rows", ids: str = "item_id") -> None:
+        self.path, self.rows_name = require_file(path, writer), rows
         with h5py.File(self.path, "r") as f:
-            self.fids = f["fid"][:].astype(np.int64)
+            self.ids = f[ids][:].astype(np.int64)
             self.offsets = f["offsets"][:].astype(np.int64)
-            self.n_mels = int(f["logmel"].shape[1])
-        self.row_of = {int(fid): row for row, fid in enumerate(self.fids)}
+            self.width = int(f[rows].shape[1])
+            self.extras = {name: data[:] for name, data in f["extra"].items()} if "extra" in f else {}
+        self.items_of: dict[int, list[int]] = {}
+        for item, key in enumerate(self.ids.tolist()):
+            self.items_of.setdefault(key, []).append(item)
         self._file: h5py.File | None = None
 
     def __len__(self) -> int:
-        return len(self.fids)
+        return len(self.ids)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}
 
-    def __getitem__(self, fid: int) -> np.ndarray:
+    def rows(self, item: int) -> np.ndarray:
+        """The ``(n, width)`` array of item number ``item``."""
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        row = self.row_of[int(fid)]
-        return self._file["logmel"][self.offsets[row] : self.offsets[row + 1]]
+        return self._file[self.rows_name][self.offsets[item] : self.offsets[item + 1]]
+
+    def item(self, item: int) -> dict[str, np.ndarray]:
+        """Item number ``item`` as an extractor makes it: ``rows`` plus its scalars."""
+        return {"rows": np.asarray(self.rows(item), dtype=np.float32)} | {
+            name: values[item] for name, values in self.extras.items()
+        }
+
+
+class LogmelStore(RowStore):
+    """Read access to ``{split}_logmel.h5``: clip ``fid`` -> ``(frames, n_mels)`` float32 (all clips concatenated
+    along time in ``logmel``, ``offsets`` (n+1,) marking each clip's rows: one contiguous slice read)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "preprocessing/audio_logmel.py", rows="logmel", ids="fid")
+        self.fids, self.n_mels = self.ids, self.width
+        self.row_of = {int(fid): row for row, fid in enumerate(self.fids)}
+
+    def __getitem__(self, fid: int) -> np.ndarray:
+        return self.rows(self.row_of[int(fid)])
 
 
 def read_text_embeds(path: Path) -> tuple[np.ndarray, np.ndarray, str]:

@@ -23,18 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
-import numpy as np
 
 from models.hf_audio import pools_first
 from utils.errors import DatasetError
 from utils.stores import (
     AUDIO_COLUMNS,
     TEXT_COLUMNS,
+    RowStore,
     audio_table,
     check_caption_embeddings,
     check_logmels,
     read_table,
-    require_file,
     text_table,
 )
 
@@ -159,41 +158,9 @@ def check_tower_stores(config: Config, split: str) -> None:
             check_store(*store, *source_ids(config.data.dataset_dir, split, text))
 
 
-class RowStore:
-    """Read access to a store of items, each a 2-D array: ``rows`` concatenated, ``offsets`` (n+1,), item ids
-    (``ids``: one per item, several items per id for views of one clip) and per-item scalars (``extra/*``).
-    The HDF5 handle opens lazily, so the store can be sent to DataLoader worker processes."""
-
-    def __init__(self, path: Path, rows: str = "rows", ids: str = "item_id", writer: str = WRITER) -> None:
-        self.path, self.rows_name = require_file(path, writer), rows
-        with h5py.File(self.path, "r") as f:
-            self.ids = f[ids][:].astype(np.int64)
-            self.offsets = f["offsets"][:].astype(np.int64)
-            self.width = int(f[rows].shape[1])
-            self.extras = {name: data[:] for name, data in f["extra"].items()} if "extra" in f else {}
-            self.settings = json.loads(f.attrs["settings"]) if "settings" in f.attrs else {}
-        self.items_of: dict[int, list[int]] = {}
-        for item, key in enumerate(self.ids.tolist()):
-            self.items_of.setdefault(key, []).append(item)
-        self._file: h5py.File | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None}
-
-    def rows(self, item: int) -> np.ndarray:
-        """The ``(n, width)`` array of item number ``item``."""
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file[self.rows_name][self.offsets[item] : self.offsets[item + 1]]
-
-    def item(self, item: int) -> dict[str, np.ndarray]:
-        """Item number ``item`` as an extractor makes it: ``rows`` plus its scalars."""
-        return {"rows": np.asarray(self.rows(item), dtype=np.float32)} | {
-            name: values[item] for name, values in self.extras.items()
-        }
+def open_store(path: Path) -> RowStore:
+    """A tower store for reading; a missing one names the command that writes it."""
+    return RowStore(path, WRITER)
 
 
 def check_inputs(config: Config, split: str) -> None:
