@@ -177,7 +177,7 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
         raise ConfigError(f"data.dataset_dir: {data.dataset_dir} does not exist or is not a folder")
     check_model_ids(config)
     variants = store_variants(config)
-    to_prepare = {split for variant in variants for split in missing_stores(variant, data.splits())}
+    to_prepare = {split for variant in variants for split, _, _ in missing_stores(variant, data.splits())}
     for split in (data.train_split, data.val_split):
         needed = [logmel_file(data.dataset_dir, split)] if not is_pretrained(config.model.audio_enc) else []
         if not is_pretrained(config.model.text_enc):
@@ -241,16 +241,15 @@ def prepare_stores(config: Config) -> None:
     """Compute the tower stores that the config (and the values its search can take) read but that do not exist
     yet, as Ray tasks with a trial's resources (so on a cluster they run where the GPUs are), then check them."""
     ray_conf = config.ray_conf
-    work = [
-        (variant, split)
-        for variant in store_variants(config)
-        for split in missing_stores(variant, config.data.splits())
-    ]
+    work = {}  # one task per store, though several searched values may share it
+    for variant in store_variants(config):
+        for split, side, path in missing_stores(variant, config.data.splits()):
+            work.setdefault(path, (variant, split, side))
     if work:
-        log.info("computing %d tower store(s) once, as Ray tasks: %s", len(work), ", ".join(s for _, s in work))
+        log.info("computing %d tower store(s) once, as Ray tasks: %s", len(work), ", ".join(p.name for p in work))
         task = ray.remote(num_cpus=ray_conf.cpus_per_trial, num_gpus=ray_conf.gpus_per_trial)(store_task)
         try:
-            ray.get([task.remote(variant.model_dump(mode="json"), split) for variant, split in work])
+            ray.get([task.remote(v.model_dump(mode="json"), split, side) for v, split, side in work.values()])
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, InputError):  # a data or config problem: its one line, not a traceback
                 raise err.cause from None
@@ -260,12 +259,12 @@ def prepare_stores(config: Config) -> None:
             check_inputs(variant, split)
 
 
-def store_task(config: dict[str, Any], split: str) -> None:
-    """One split's tower stores, in a Ray worker."""
+def store_task(config: dict[str, Any], split: str, side: str) -> None:
+    """One split's audio or text tower store, in a Ray worker."""
     setup_logging()
     resolved = validate(config)
     torch.set_num_threads(max(1, int(resolved.ray_conf.cpus_per_trial)))
-    prepare_split(resolved, split)
+    prepare_split(resolved, split, sides=(side,))
 
 
 def check_resources(ray_conf: RayConfig, have: dict[str, float], where: str = "the Ray cluster") -> None:

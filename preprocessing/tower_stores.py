@@ -255,13 +255,15 @@ def prepare_split(
     batch_size: int = 16,
     part_size: int = PART_SIZE,
     overwrite: bool = False,
+    sides: tuple[str, ...] = ("audio", "text"),
 ) -> list[Path]:
-    """Write every tower store ``split`` needs; returns their paths."""
+    """Write the tower stores ``split`` needs (of the towers on ``sides``); returns their paths."""
     target = resolve_device(device or config.device)
-    written = [
-        write_audio_store(config, split, target, batch_size, part_size, overwrite),
-        write_text_store(config, split, target, max(batch_size, 64), overwrite),
-    ]
+    written = []
+    if "audio" in sides:
+        written.append(write_audio_store(config, split, target, batch_size, part_size, overwrite))
+    if "text" in sides:
+        written.append(write_text_store(config, split, target, max(batch_size, 64), overwrite))
     return [path for path in written if path is not None]
 
 

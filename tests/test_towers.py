@@ -269,3 +269,17 @@ def test_an_interrupted_store_continues_from_its_finished_parts(tiny_dataset, fo
     write_audio_store(config, "development", torch.device("cpu"), part_size=8)
     assert len(calls) == 16 and path.is_file()  # the first part's 8 clips were not redone
     assert not path.with_name(f"{path.stem}.parts").exists()
+
+
+def test_a_search_over_a_tower_setting_needs_one_store_per_value(tiny_dataset, folders, tmp_path):
+    from main import store_variants
+
+    raw = whisper_recipe(
+        tiny_dataset, folders, tmp_path, **{"ray_conf.search_space": {"model.audio_enc.layer": {"choice": [None, 0]}}}
+    )
+    variants = store_variants(validate(raw))
+    paths = {audio_store(v, "development")[0] for v in variants}
+    assert len(variants) == 3 and len(paths) == 2  # the file's own value is one of the two searched
+    raw["ray_conf"]["search_space"] = {"model.audio_enc.layer": {"randint": [0, 2]}}
+    with pytest.raises(ConfigError, match=r"model\.audio_enc\.layer: randint cannot be searched"):
+        store_variants(validate(raw))

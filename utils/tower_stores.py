@@ -140,14 +140,14 @@ def check_store(path: Path, settings: dict[str, Any], ids: list[int], names: lis
         )
 
 
-def missing_stores(config: Config, splits: list[str]) -> list[str]:
-    """The splits some of whose tower stores do not exist yet (stale ones are ``check_store``'s errors)."""
+def missing_stores(config: Config, splits: list[str]) -> list[tuple[str, str, Path]]:
+    """``(split, "audio" or "text", path)`` of each tower store that does not exist yet (stale ones are
+    ``check_store``'s errors)."""
     found = []
     for split in splits:
-        for store in (audio_store(config, split), text_store(config, split)):
+        for side, store in (("audio", audio_store(config, split)), ("text", text_store(config, split))):
             if store is not None and not store[0].is_file():
-                found.append(split)
-                break
+                found.append((split, side, store[0]))
     return found
 
 
