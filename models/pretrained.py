@@ -43,7 +43,11 @@ def load_pretrained(loader: Callable[..., M], model_id: str, key: str, **kwargs:
             raise ConfigError(f"{key}: cannot load {model_id!r} from its folder ({_reason(err)})") from None
     from huggingface_hub import model_info, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):  # in the cache
+    try:  # in the cache? (a path that is no folder is no valid hub id either: that is asked below)
+        cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    except Exception:
+        cached = False
+    if cached:
         try:
             return loader(name, revision=revision, local_files_only=True, **kwargs)
         except Exception:  # not completely in the cache: ask the hub once, with a short timeout

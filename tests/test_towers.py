@@ -283,3 +283,14 @@ def test_a_search_over_a_tower_setting_needs_one_store_per_value(tiny_dataset, f
     raw["ray_conf"]["search_space"] = {"model.audio_enc.layer": {"randint": [0, 2]}}
     with pytest.raises(ConfigError, match=r"model\.audio_enc\.layer: randint cannot be searched"):
         store_variants(validate(raw))
+
+
+def test_a_relative_model_folder_resolves_against_the_config_file(tmp_path):
+    (tmp_path / "models" / "whisper").mkdir(parents=True)
+    (tmp_path / "conf.yaml").write_text(
+        "model:\n  audio_enc: {name: WhisperEncoder, model_id: models/whisper}\n"
+        "  text_enc: {name: AutoTextEncoder, model_id: FacebookAI/roberta-base}\n"
+    )
+    raw = load_raw(tmp_path / "conf.yaml")
+    assert raw["model"]["audio_enc"]["model_id"] == str(tmp_path / "models" / "whisper")  # a folder there
+    assert raw["model"]["text_enc"]["model_id"] == "FacebookAI/roberta-base"  # no such folder: a hub id

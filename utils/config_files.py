@@ -37,6 +37,8 @@ def numbers_as_written(value: Any) -> Any:
 
 # Config fields holding paths that are resolved against the config file's folder.
 _PATH_KEYS = ("data.dataset_dir", "ray_conf.storage_path", "model.audio_enc.weight")
+# Model ids: a hub id, or a local folder, resolved against the config file's folder when one is there.
+_MODEL_ID_KEYS = ("model.audio_enc.model_id", "model.text_enc.model_id", "model.init_from")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -138,6 +140,10 @@ def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dic
     for dotted in _PATH_KEYS:
         if isinstance(get_path(raw, dotted), str):
             set_path(raw, dotted, absolute(get_path(raw, dotted)))
+    for dotted in _MODEL_ID_KEYS:
+        value = get_path(raw, dotted)
+        if isinstance(value, str) and (config_path.parent / Path(value).expanduser()).is_dir():
+            set_path(raw, dotted, absolute(value))
     # paths a search chooses between, e.g. {data.dataset_dir: {grid: [data/a, data/b]}}
     for dotted, spec in (get_path(raw, "ray_conf.search_space") or {}).items():
         if dotted in _PATH_KEYS and isinstance(spec, dict):
