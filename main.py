@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
+from utils.extractors import CaptionTokens, make_extractor
 from utils.reporting import TrialHistory, as_epoch, plot_metric, results_table
 from utils.stores import logmel_file, read_json, text_embeds_file
 from utils.tower_stores import check_inputs, is_pretrained, missing_stores
@@ -175,9 +177,9 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     data, ray_conf = config.data, config.ray_conf
     if not data.dataset_dir.is_dir():
         raise ConfigError(f"data.dataset_dir: {data.dataset_dir} does not exist or is not a folder")
-    check_model_ids(config)
     variants = store_variants(config)
-    to_prepare = {split for variant in variants for split, _, _ in missing_stores(variant, data.splits())}
+    for variant in variants:
+        check_model_ids(variant)
     for split in (data.train_split, data.val_split):
         needed = [logmel_file(data.dataset_dir, split)] if not is_pretrained(config.model.audio_enc) else []
         if not is_pretrained(config.model.text_enc):
@@ -187,10 +189,10 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
                 raise ConfigError(
                     f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
                 )
-        if split not in to_prepare:
-            for variant in variants:
-                check_inputs(variant, split)
-    if not to_prepare:  # a missing or mismatched pretrained weight file fails here, not in every trial
+        for variant in variants:  # tower stores still to be made are made once Ray runs (prepare_stores)
+            check_inputs(variant, split, missing_ok=True)
+    if not any(missing_stores(variant, variant.data.splits()) for variant in variants):
+        # a missing or mismatched pretrained weight file, or heads that do not fit, fail here, not in every trial
         build_model(config, torch.device("cpu"))
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
         raise ConfigError(
@@ -203,38 +205,46 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
 
 
 def check_model_ids(config: Config) -> None:
-    """Every pretrained model the config names can be loaded: its config is read (from a local folder, the
-    cache, or the hub), or one ``ConfigError`` names the key and the model id."""
-    named = [(f"model.{side}.model_id", getattr(config.model, side)) for side in ("audio_enc", "text_enc")]
-    for key, tower in named:
+    """Every pretrained model the config names can be loaded: its config, and the tower's feature extractor or
+    tokenizer, are read (from a local folder, the cache, or the hub), or one ``ConfigError`` names the key and
+    the model id."""
+    audio, text = config.model.audio_enc, config.model.text_enc
+    for key, tower in (("model.audio_enc.model_id", audio), ("model.text_enc.model_id", text)):
         if is_pretrained(tower):
             load_pretrained(AutoConfig.from_pretrained, tower.model_id, key, trust_remote_code=tower.trust_remote_code)
+    if is_pretrained(audio):
+        make_extractor(audio)
+    if is_pretrained(text):
+        CaptionTokens(text)
     if config.model.init_from is not None:
         load_pretrained(AutoConfig.from_pretrained, config.model.init_from, "model.init_from")
 
 
-# Keys whose values change what a tower store holds: a search over them needs one store per value.
-STORE_KEYS = ("model.audio_enc", "model.text_enc", "crops", "features.max_seconds", "text_embeddings")
+# Keys whose values change what a tower store holds, or where it is: a search over them needs one store per value.
+STORE_KEYS = ("model.audio_enc", "model.text_enc", "crops", "features.max_seconds", "text_embeddings", "data")
 
 
 def store_variants(config: Config) -> list[Config]:
-    """The config, and one config per searched value of a key that changes the towers' stores (``choice`` or
-    ``grid`` only: a store is computed once per value, so a continuous range is refused)."""
+    """The config, and one config per combination of the searched values of keys that change the towers' stores
+    (``choice`` or ``grid`` only: a store is computed once per value, so a continuous range is refused)."""
+    if not any(map(is_pretrained, (config.model.audio_enc, config.model.text_enc))):
+        return [config]
     raw = config.model_dump(mode="json")
-    variants = [config]
+    searched = {}
     for path, spec in config.ray_conf.search_space.items():
-        if not path.startswith(STORE_KEYS) or not any(
-            map(is_pretrained, (config.model.audio_enc, config.model.text_enc))
-        ):
-            continue
-        ((kind, values),) = spec.items()
-        if kind not in ("choice", "grid"):
-            raise ConfigError(
-                f"ray_conf.search_space.{path}: {kind} cannot be searched with a transformers tower, whose stores "
-                "are computed once per value; use choice or grid"
-            )
-        variants += [validate(with_overrides(raw, {path: value})) for value in values]
-    return variants
+        if path.startswith(STORE_KEYS):
+            ((kind, values),) = spec.items()
+            if kind not in ("choice", "grid"):
+                raise ConfigError(
+                    f"ray_conf.search_space.{path}: {kind} cannot be searched with a transformers tower, whose "
+                    "stores are computed once per value; use choice or grid"
+                )
+            searched[path] = values
+    variants = {json.dumps(raw, sort_keys=True): config}
+    for values in itertools.product(*searched.values()):
+        variant = validate(with_overrides(raw, dict(zip(searched, values))))
+        variants.setdefault(json.dumps(variant.model_dump(mode="json"), sort_keys=True), variant)
+    return list(variants.values())
 
 
 def prepare_stores(config: Config) -> None:
@@ -243,7 +253,7 @@ def prepare_stores(config: Config) -> None:
     ray_conf = config.ray_conf
     work = {}  # one task per store, though several searched values may share it
     for variant in store_variants(config):
-        for split, side, path in missing_stores(variant, config.data.splits()):
+        for split, side, path in missing_stores(variant, variant.data.splits()):
             work.setdefault(path, (variant, split, side))
     if work:
         log.info("computing %d tower store(s) once, as Ray tasks: %s", len(work), ", ".join(p.name for p in work))
@@ -255,8 +265,9 @@ def prepare_stores(config: Config) -> None:
                 raise err.cause from None
             raise
     for variant in store_variants(config):
-        for split in (config.data.train_split, config.data.val_split):
+        for split in (variant.data.train_split, variant.data.val_split):
             check_inputs(variant, split)
+        build_model(variant, torch.device("cpu"))  # heads that do not fit the towers fail once, here
 
 
 def store_task(config: dict[str, Any], split: str, side: str) -> None:

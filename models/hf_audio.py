@@ -17,6 +17,7 @@ checkpoints hold only what training changed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, ClassVar, Literal
 
@@ -255,6 +256,19 @@ class Wav2Vec2BertEncoder(PretrainedAudioTower):
 
     def __init__(self, config: Config | None = None, **inputs: Any) -> None:
         super().__init__(config, **inputs)
+        # The adapter's strided convolutions read padded frames into the last valid ones (and its attention
+        # spreads them), and its layer norms make zeros non-zero again: a clip's frames would depend on its
+        # batch. Each convolution's input is therefore masked to the layer's valid frames (``frames`` sets them).
+        self._adapter_lengths: list[torch.Tensor] = []
+        adapter = getattr(self.backbone, "adapter", None)
+        for i, layer in enumerate(adapter.layers if adapter is not None else []):
+            for conv in (layer.residual_conv, layer.self_attn_conv):
+                conv.register_forward_pre_hook(functools.partial(self._mask_conv_input, i))
+
+    def _mask_conv_input(self, i: int, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]  # (B, C, T) at adapter layer i
+        valid = torch.arange(x.size(-1), device=x.device)[None, :] < self._adapter_lengths[i][:, None]
+        return (x * valid[:, None, :].to(x.dtype), *args[1:])
 
     @classmethod
     def load_backbone(cls, config: Config) -> nn.Module:
@@ -262,40 +276,26 @@ class Wav2Vec2BertEncoder(PretrainedAudioTower):
 
         names = ("add_adapter", "adapter_kernel_size", "adapter_stride", "num_adapter_layers")
         overrides = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
-        model = load_pretrained(
+        return load_pretrained(
             Wav2Vec2BertModel.from_pretrained,
             config.model_id,
             cls.key,
             trust_remote_code=config.trust_remote_code,
             **overrides,
         )
-        # The adapter's strided convolutions read padded frames into the last valid ones (and its attention
-        # spreads them), so a clip's frames would depend on its batch: zero the padding before each of them.
-        model.encoder.register_forward_hook(_zero_padded_encoder_frames, with_kwargs=True)
-        for layer in getattr(model.adapter, "layers", []) if model.adapter is not None else []:
-            layer.register_forward_hook(_zero_padded_adapter_frames, with_kwargs=True)
-        return model
 
     def frames(self, input_features: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.config.layer
-        outputs = self.backbone(input_features, attention_mask=attention_mask, output_hidden_states=layer is not None)
         lengths = attention_mask.sum(-1)  # (B,) valid input frames
+        adapter, config = self.backbone.adapter, self.backbone.config
+        self._adapter_lengths, steps = [], lengths
+        for _ in adapter.layers if adapter is not None else []:  # each adapter layer's input lengths
+            self._adapter_lengths.append(steps)
+            # the model's own length formula (_get_feat_extract_output_lengths), one layer at a time
+            pad, kernel = config.adapter_kernel_size // 2, config.adapter_kernel_size
+            steps = torch.div(steps + 2 * pad - kernel, config.adapter_stride, rounding_mode="floor") + 1
+        outputs = self.backbone(input_features, attention_mask=attention_mask, output_hidden_states=layer is not None)
         if layer is None:  # after the model's own strided adapter, when it has one: the model's own formula
             lengths = self.backbone._get_feat_extract_output_lengths(lengths)
         hidden = _hidden(outputs, layer)
         return hidden, lengths.clamp(1, hidden.size(1))
-
-
-def _zero_padded_encoder_frames(module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
-    mask = kwargs.get("attention_mask")
-    if mask is not None:  # (B, T) 1 for real frames
-        out.last_hidden_state = out.last_hidden_state * mask[..., None].to(out.last_hidden_state.dtype)
-    return out
-
-
-def _zero_padded_adapter_frames(module: nn.Module, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
-    lengths = kwargs.get("sub_sampled_lengths")  # (B,) frames left after this layer's stride
-    if lengths is None:
-        return out
-    valid = torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
-    return out * valid[..., None].to(out.dtype)

@@ -156,7 +156,9 @@ def write_audio_store(
                     continue
                 # views and the extractor's own random draws (CLAP fusion) are seeded by the clip: reproducible
                 views = clip_views(wave, extractor.sample_rate, config.crops, train, np.random.default_rng(fid))
-                items += [extractor.extract(view, seed=fid * 1000 + k) for k, view in enumerate(views)]
+                if train and config.crops.seconds is None and extractor.draws_at_random:
+                    views *= max(1, config.crops.train_views)  # the extractor's own draws (CLAP fusion) differ
+                items += [extractor.extract(view, seed=fid * 1000 + k, train=train) for k, view in enumerate(views)]
                 item_fids += [fid] * len(views)
                 progress.update()
             if outputs:

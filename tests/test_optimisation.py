@@ -131,3 +131,21 @@ def test_learnable_temperature_is_trained_clamped_and_saved(tiny_raw):
     assert metrics["train/lr_audio_encoder"] == pytest.approx(metrics["train/lr"] / 10)
     assert 1 / math.exp(state["model"]["logit_scale"].item()) == pytest.approx(metrics["train/temperature"], rel=1e-4)
     assert "audio_proj.0.weight" in state["model"] and "audio_proj.3.weight" in state["model"]  # the 2-layer head
+
+
+def test_a_schedule_rewound_to_a_step_gives_that_steps_lrs():
+    from utils.training import rewind
+
+    model = tiny_model()
+    optimizer = make_optimizer(model, OptimizerConfig(lr=1e-3))
+    schedule = make_lr_scheduler(optimizer, CosineWithWarmupConfig(warmup_steps=3), steps_per_epoch=5, num_epochs=2)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.scheduler.step()
+    rewind(schedule.scheduler, optimizer, 5)  # a mid-epoch checkpoint of epoch 2 replays epoch 2 from step 5
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[5])
+    optimizer.step()
+    schedule.scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[6])

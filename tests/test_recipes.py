@@ -119,15 +119,15 @@ def test_whisper_embedder_recipe_trains_from_cached_encoder_outputs(tiny_folders
 def test_clap_recipe_loads_the_released_model_whole_and_fine_tunes_it(
     tiny_folders, tiny_dataset, ray_session, tmp_path
 ):
-    clap = str(tiny_folders["clap"])
+    tiny_clap_folder = str(tiny_folders["clap"])
     raw = recipe(
         "clap_htsat_roberta.yaml",
         tiny_dataset,
         tmp_path / "runs",
         {
-            "model.init_from": clap,
-            "model.audio_enc.model_id": clap,
-            "model.text_enc.model_id": clap,
+            "model.init_from": tiny_clap_folder,
+            "model.audio_enc.model_id": tiny_clap_folder,
+            "model.text_enc.model_id": tiny_clap_folder,
             "model.embed_dim": 16,
             "crops.train_views": 2,
         },
@@ -145,7 +145,7 @@ def test_clap_recipe_loads_the_released_model_whole_and_fine_tunes_it(
 
     from utils.checkpoints import build_model
 
-    released = ClapModel.from_pretrained(clap)
+    released = ClapModel.from_pretrained(tiny_clap_folder)
     model = build_model(config, torch.device("cpu"), backbones=True)
     assert torch.equal(model.audio_proj[0].weight, released.audio_projection.linear1.weight)
     assert torch.equal(model.text_proj[3].bias, released.text_projection.linear2.bias)

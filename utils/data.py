@@ -81,12 +81,14 @@ class StoredViews:
     """A ``transformers`` audio tower's store: model inputs (batched by the tower's extractor) or a frozen
     backbone's outputs; one of a clip's stored views per training draw, all of them for evaluation."""
 
-    def __init__(self, path: Path, collate: Any) -> None:
-        self.store, self.collate = open_store(path), collate
+    def __init__(self, path: Path, collate: Any, train: bool = True) -> None:
+        self.store, self.collate, self.train = open_store(path), collate, train
         self.fids = set(self.store.items_of)
 
     def sample(self, fid: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         items = self.store.items_of[fid]
+        if not self.train:  # the validation loss sees the same view of a clip every epoch
+            return self.store.item(items[0])
         return self.store.item(items[rng.integers(len(items))] if len(items) > 1 else items[0])
 
     def views(self, fid: int) -> list[dict[str, np.ndarray]]:
@@ -104,7 +106,7 @@ def audio_source(config: Config, split: str) -> AudioSource:
         return LogmelSource(logmel_file(config.data.dataset_dir, split), config.features.hop_ms, config.crops, train)
     path, settings = store
     collate = make_extractor(config.model.audio_enc).collate if settings["kind"] == "inputs" else collate_frames
-    return StoredViews(path, collate)
+    return StoredViews(path, collate, train)
 
 
 class CaptionVectors:

@@ -3,8 +3,10 @@ model id) on one view of a clip, and the batching of those inputs; tokenised cap
 
 An extractor turns a mono wave at its ``sample_rate`` into one item: ``rows``, a 2-D array (what a store
 keeps, concatenated over items), and scalar extras; ``collate`` turns items into the tower's keyword
-inputs. Items are what ``preprocessing/tower_stores.py`` stores, so a stored item and a fresh one are
-the same thing.
+inputs. ``draws_at_random``: whether the extractor itself picks random parts of a clip (CLAP's crops and
+fusion), so that several training views of a whole clip differ; for evaluation (``train=False``) it
+picks none at random. Items are what ``preprocessing/tower_stores.py`` stores, so a stored item and a
+fresh one are the same thing.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class WhisperInputs:
 
         self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, config.model_id, WhisperEncoder.key)
         self.sample_rate = int(self.extractor.sampling_rate)
+        self.draws_at_random = False  # a clip's first 30 s
 
-    def extract(self, wave: np.ndarray, seed: int) -> Item:
+    def extract(self, wave: np.ndarray, seed: int, train: bool = True) -> Item:
         out = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np", return_attention_mask=True)
         return {"rows": out["input_features"][0].T, "n_frames": np.int64(out["attention_mask"][0].sum())}
 
@@ -62,14 +65,20 @@ class ClapInputs:
             padding="repeatpad",
         )
         self.sample_rate = int(self.extractor.sampling_rate)
+        self.fusion = config.fusion
+        self.draws_at_random = True
 
-    def extract(self, wave: np.ndarray, seed: int) -> Item:
+    def extract(self, wave: np.ndarray, seed: int, train: bool = True) -> Item:
+        window = self.extractor.nb_max_samples
+        if not train and not self.fusion and len(wave) > window:  # evaluation: the centred 10 s, not a random one
+            start = (len(wave) - window) // 2
+            wave = wave[start : start + window]
         np.random.seed(seed)  # the extractor draws its crops with NumPy's global generator
         out = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np")
         features = out["input_features"][0]  # (views, frames, n_mels)
         # The extractor marks a random clip of a batch with no long clip as long (a training trick of CLAP's,
         # so the fusion branch always learns); one clip at a time, that would mark every short clip.
-        longer = len(wave) > self.extractor.nb_max_samples
+        longer = len(wave) > window
         return {"rows": features.reshape(-1, features.shape[-1]), "views": np.int64(len(features)), "is_longer": longer}
 
     def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
@@ -90,8 +99,9 @@ class SeamlessInputs:
 
         self.extractor = load_pretrained(AutoFeatureExtractor.from_pretrained, config.model_id, Wav2Vec2BertEncoder.key)
         self.sample_rate = int(self.extractor.sampling_rate)
+        self.draws_at_random = False  # the whole clip
 
-    def extract(self, wave: np.ndarray, seed: int) -> Item:
+    def extract(self, wave: np.ndarray, seed: int, train: bool = True) -> Item:
         out = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np")
         return {"rows": out["input_features"][0]}
 
@@ -125,6 +135,7 @@ class CaptionTokens:
             "model.text_enc.model_id",
             trust_remote_code=config.trust_remote_code,
         )
+        self.tokenizer.padding_side = "right"  # the towers pool over a prefix of valid tokens
         self.max_length = min(config.max_length, self.tokenizer.model_max_length)  # what the model can take
 
     def __call__(self, captions: list[str]) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def encode_audio_files(
             batch = {"logmels": logmels, "lengths": lengths}
         else:
             views = clip_views(wave, rate, config.crops, False, np.random.default_rng(0))
-            batch = extractor.collate([extractor.extract(view, seed=k) for k, view in enumerate(views)])
+            batch = extractor.collate([extractor.extract(view, seed=k, train=False) for k, view in enumerate(views)])
         embeds.append(F.normalize(model.encode_audio(**to_device(batch, device)).mean(0), dim=-1))
     return torch.stack(embeds)
 

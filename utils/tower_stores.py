@@ -151,10 +151,11 @@ def missing_stores(config: Config, splits: list[str]) -> list[tuple[str, str, Pa
     return found
 
 
-def check_tower_stores(config: Config, split: str) -> None:
-    """Refuse a split whose tower stores are missing or out of step with the config or its tables."""
+def check_tower_stores(config: Config, split: str, missing_ok: bool = False) -> None:
+    """Refuse a split whose tower stores are missing (unless ``missing_ok``: they are still to be made) or out of
+    step with the config or its tables."""
     for store, text in ((audio_store(config, split), False), (text_store(config, split), True)):
-        if store is not None:
+        if store is not None and not (missing_ok and not store[0].is_file()):
             check_store(*store, *source_ids(config.data.dataset_dir, split, text))
 
 
@@ -163,12 +164,13 @@ def open_store(path: Path) -> RowStore:
     return RowStore(path, WRITER)
 
 
-def check_inputs(config: Config, split: str) -> None:
+def check_inputs(config: Config, split: str, missing_ok: bool = False) -> None:
     """Refuse a split whose stores, whichever the config's towers read, are missing or out of step with the
-    config or the split's tables: log-mels, Sentence-BERT caption embeddings, tower stores."""
+    config or the split's tables: log-mels, Sentence-BERT caption embeddings, tower stores (which may be
+    missing with ``missing_ok``)."""
     data = config.data
     if not is_pretrained(config.model.audio_enc):
         check_logmels(data.dataset_dir, split, config.features)
     if not is_pretrained(config.model.text_enc):
         check_caption_embeddings(data.dataset_dir, split, config.text_embeddings)
-    check_tower_stores(config, split)
+    check_tower_stores(config, split, missing_ok)

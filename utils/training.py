@@ -217,11 +217,18 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
     first_epoch = 1
     if resume_from is not None:
-        # a checkpoint from within an epoch restarts that epoch (from the weights it had reached)
-        first_epoch = math.floor(restore(resume_from, model, optimizer, schedule, config)) + 1
-        log.info("resumed from %s at epoch %d", resume_from, first_epoch)
-    # DDP broadcasts rank 0's (possibly restored) weights to every worker when it wraps the model.
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        done = restore(resume_from, model, optimizer, schedule, config)
+        first_epoch = math.floor(done) + 1
+        if done != first_epoch - 1 and schedule.per_step:
+            # a checkpoint from within an epoch replays that epoch from its start, from the weights it had
+            # reached; its per-step schedule is rewound with it, so the lr follows the steps trained
+            rewind(schedule.scheduler, optimizer, (first_epoch - 1) * steps_per_epoch)
+        log.info("resumed from %s (epoch %g) at the start of epoch %d", resume_from, done, first_epoch)
+    # DDP broadcasts rank 0's (possibly restored) weights to every worker when it wraps the model. A pretrained
+    # tower may hold parameters that no loss reaches (a pooler, layers past the one read): DDP must not wait
+    # for their gradients.
+    unused = any(p.requires_grad for tower in (model.audio_encoder, model.text_encoder) for p in _backbone(tower))
+    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world_size > 1 else model
 
     def validate_and_report(progress: float, train_loss: float, lrs: dict[str, float], epoch_end: bool) -> None:
         val_loss = run_epoch(model, val_loader, criterion, device)
@@ -267,6 +274,18 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
             "batch size, reserve more of a GPU per trial (ray_conf.gpus_per_trial) or run fewer at once "
             "(ray_conf.max_concurrent_trials)"
         ) from None
+
+
+def _backbone(tower: nn.Module) -> list[nn.Parameter]:
+    backbone = getattr(tower, "backbone", None)
+    return list(backbone.parameters()) if backbone is not None else []
+
+
+def rewind(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer, step_no: int) -> None:
+    """Set a per-step schedule, and the lrs of ``optimizer``'s groups, to where they are at step ``step_no``."""
+    scheduler.last_epoch = step_no
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step_no)
 
 
 def restore(
