@@ -68,13 +68,14 @@ from ray.tune.stopper import TrialPlateauStopper
 from transformers import AutoConfig
 
 from models.pretrained import load_pretrained
-from preprocessing.tower_stores import prepare_split
+from preprocessing.tower_stores import finish_audio_store, plan_audio_store, write_audio_parts, write_text_store
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.extractors import CaptionTokens, make_extractor
 from utils.reporting import TrialHistory, as_epoch, plot_metric, results_table
+from utils.runtime import resolve_device
 from utils.stores import logmel_file, read_json, text_embeds_file
 from utils.tower_stores import check_inputs, is_pretrained, missing_stores
 from utils.training import train
@@ -256,26 +257,47 @@ def prepare_stores(config: Config) -> None:
         for split, side, path in missing_stores(variant, variant.data.splits()):
             work.setdefault(path, (variant, split, side))
     if work:
-        log.info("computing %d tower store(s) once, as Ray tasks: %s", len(work), ", ".join(p.name for p in work))
+        # one task per part of an audio store (the clips of a split spread over the cluster's GPUs), one per
+        # caption store; the parts are merged here, on the driver, once all are done
         task = ray.remote(num_cpus=ray_conf.cpus_per_trial, num_gpus=ray_conf.gpus_per_trial)(store_task)
+        plans, futures = [], []
+        for variant, split, side in work.values():
+            dumped = variant.model_dump(mode="json")
+            if side == "audio":
+                plans.append(plan_audio_store(variant, split))
+                futures += [task.remote(dumped, split, side, part) for part in plans[-1].todo()]
+            else:
+                futures.append(task.remote(dumped, split, side))
+        log.info(
+            "computing %d tower store(s) once, in %d Ray tasks: %s",
+            len(work),
+            len(futures),
+            ", ".join(p.name for p in work),
+        )
         try:
-            ray.get([task.remote(v.model_dump(mode="json"), split, side) for v, split, side in work.values()])
+            ray.get(futures)
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, InputError):  # a data or config problem: its one line, not a traceback
                 raise err.cause from None
             raise
+        for plan in plans:
+            finish_audio_store(plan)
     for variant in store_variants(config):
         for split in (variant.data.train_split, variant.data.val_split):
             check_inputs(variant, split)
         build_model(variant, torch.device("cpu"))  # heads that do not fit the towers fail once, here
 
 
-def store_task(config: dict[str, Any], split: str, side: str) -> None:
-    """One split's audio or text tower store, in a Ray worker."""
+def store_task(config: dict[str, Any], split: str, side: str, part: int | None = None) -> None:
+    """In a Ray worker: one part of a split's audio store, or its caption store."""
     setup_logging()
     resolved = validate(config)
     torch.set_num_threads(max(1, int(resolved.ray_conf.cpus_per_trial)))
-    prepare_split(resolved, split, sides=(side,))
+    device = resolve_device(resolved.device)
+    if side == "audio":
+        write_audio_parts(resolved, split, device, [part])
+    else:
+        write_text_store(resolved, split, device)
 
 
 def check_resources(ray_conf: RayConfig, have: dict[str, float], where: str = "the Ray cluster") -> None:

@@ -46,6 +46,7 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -107,45 +108,67 @@ def tower_outputs(tower: torch.nn.Module, inputs: dict[str, torch.Tensor], poole
     return [f[:n].cpu().numpy() for f, n in zip(frames.float(), lengths.tolist())]
 
 
-def write_audio_store(
-    config: Config,
-    split: str,
-    device: torch.device,
-    batch_size: int = 16,
-    part_size: int = PART_SIZE,
-    overwrite: bool = False,
-) -> Path | None:
-    """Write the audio tower's store of ``split`` (None: the tower reads log-mels); returns its path."""
+@dataclass
+class AudioStorePlan:
+    """An audio store and the parts (``part_size`` clips each) it is written in, so that they can be computed
+    apart (``main.py`` runs one Ray task per part) and merged once all are done."""
+
+    path: Path
+    settings: dict[str, Any]
+    fids: list[int]
+    fnames: list[str]
+    slices: list[slice]
+    parts: list[Path]
+
+    def todo(self) -> list[int]:
+        """The parts not yet written (or written with other settings or clips)."""
+        return [
+            i
+            for i, s in enumerate(self.slices)
+            if store_problem(self.parts[i], self.settings, self.fids[s], self.fnames[s]) is not None
+        ]
+
+
+def plan_audio_store(config: Config, split: str, part_size: int = PART_SIZE) -> AudioStorePlan | None:
+    """The audio store of ``split`` and its parts (None: the tower reads log-mels); makes the parts folder."""
     store = audio_store(config, split)
     if store is None:
         return None
     path, settings = store
-    dataset_dir = config.data.dataset_dir
-    fids, fnames = source_ids(dataset_dir, split, text=False)
-    if not overwrite and store_problem(path, settings, fids, fnames) is None:
-        log.info("%s: %s is up to date (--overwrite redoes it)", split, path.name)
-        return path
-    tower_config = config.model.audio_enc
+    fids, fnames = source_ids(config.data.dataset_dir, split, text=False)
+    parts_dir = path.with_name(f"{path.stem}.parts")
+    parts_dir.mkdir(exist_ok=True)
+    slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
+    parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
+    return AudioStorePlan(path, settings, fids, fnames, slices, parts)
+
+
+def write_audio_parts(
+    config: Config,
+    split: str,
+    device: torch.device,
+    indices: list[int],
+    batch_size: int = 16,
+    part_size: int = PART_SIZE,
+) -> None:
+    """Compute and write the parts ``indices`` of the audio store of ``split`` (those not yet done)."""
+    plan = plan_audio_store(config, split, part_size)
+    todo = [i for i in plan.todo() if i in indices]
+    if not todo:
+        return
+    tower_config, settings, dataset_dir = config.model.audio_enc, plan.settings, config.data.dataset_dir
     extractor = make_extractor(tower_config)
     outputs = settings["kind"] == "outputs"
     tower = None
     if outputs:
         tower = AUDIO_ENCODERS.get(tower_config.name)(tower_config, load_backbone=True).to(device).eval()
-    parts_dir = path.with_name(f"{path.stem}.parts")
-    if overwrite:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(exist_ok=True)
-    slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
-    parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
-    todo = [i for i, s in enumerate(slices) if store_problem(parts[i], settings, fids[s], fnames[s]) is not None]
-    done = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
     train = split == config.data.train_split
     what = f"{tower_config.name} {'outputs' if outputs else 'inputs'} {split}"
-    with tqdm(total=len(fids), initial=done, desc=what, unit="clip") as progress:
+    with tqdm(total=sum(len(plan.fids[plan.slices[i]]) for i in todo), desc=what, unit="clip") as progress:
         for i in todo:
-            s = slices[i]
+            s = plan.slices[i]
             items, item_fids = [], []
-            for fid, fname in zip(fids[s], fnames[s]):
+            for fid, fname in zip(plan.fids[s], plan.fnames[s]):
                 try:
                     wave = load_audio(
                         dataset_member(dataset_dir / split, fname), extractor.sample_rate, config.features.max_seconds
@@ -171,15 +194,42 @@ def write_audio_store(
                 arrays = [item["rows"] for item in items]
                 extras = {name: [item[name] for item in items] for name in items[0] if name != "rows"} if items else {}
             dtype = np.float16 if outputs and not settings["model"]["pooled"] else np.float32
-            with atomic_h5(parts[i]) as f:
-                write_store(f, settings, fids[s], fnames[s], item_fids, arrays, extras, dtype)
+            with atomic_h5(plan.parts[i]) as f:
+                write_store(f, settings, plan.fids[s], plan.fnames[s], item_fids, arrays, extras, dtype)
             if i == todo[0] and arrays:
-                per_clip = sum(a.size for a in arrays) * np.dtype(dtype).itemsize / max(1, len(fids[s]))
-                log.info("%s: writing about %.1f MB to %s", split, per_clip * len(fids) / 2**20, path)
-    merge_parts(parts, path, settings, fids, fnames)
-    shutil.rmtree(parts_dir)
-    log.info("%s: %s", split, path)
-    return path
+                per_clip = sum(a.size for a in arrays) * np.dtype(dtype).itemsize / max(1, len(plan.fids[s]))
+                log.info("%s: writing about %.1f MB to %s", split, per_clip * len(plan.fids) / 2**20, plan.path)
+
+
+def finish_audio_store(plan: AudioStorePlan) -> Path:
+    """Merge a store's finished parts into it and remove them."""
+    merge_parts(plan.parts, plan.path, plan.settings, plan.fids, plan.fnames)
+    shutil.rmtree(plan.parts[0].parent)
+    log.info("%s", plan.path)
+    return plan.path
+
+
+def write_audio_store(
+    config: Config,
+    split: str,
+    device: torch.device,
+    batch_size: int = 16,
+    part_size: int = PART_SIZE,
+    overwrite: bool = False,
+) -> Path | None:
+    """Write the audio tower's store of ``split`` (None: the tower reads log-mels); returns its path."""
+    store = audio_store(config, split)
+    if store is None:
+        return None
+    path, settings = store
+    if not overwrite and store_problem(path, settings, *source_ids(config.data.dataset_dir, split, text=False)) is None:
+        log.info("%s: %s is up to date (--overwrite redoes it)", split, path.name)
+        return path
+    if overwrite:
+        shutil.rmtree(path.with_name(f"{path.stem}.parts"), ignore_errors=True)
+    plan = plan_audio_store(config, split, part_size)
+    write_audio_parts(config, split, device, list(range(len(plan.parts))), batch_size, part_size)
+    return finish_audio_store(plan)
 
 
 def merge_parts(parts: list[Path], path: Path, settings: dict[str, Any], fids: list[int], fnames: list[str]) -> None:
@@ -237,6 +287,8 @@ def write_text_store(
     tokens = CaptionTokens(tower_config)
     table = read_table(text_table(config.data.dataset_dir, split), TEXT_COLUMNS)
     embedded = [str(c) for c in table[config.text_embeddings.caption_column]]
+    size = len(embedded) * tower.width * 4 / 2**20
+    log.info("%s: writing about %.1f MB (%d captions x %d) to %s", split, size, len(embedded), tower.width, path)
     vectors = []
     for start in tqdm(range(0, len(embedded), batch_size), desc=f"{tower_config.name} {split}", unit="batch"):
         batch = {k: v.to(device) for k, v in tokens(embedded[start : start + batch_size]).items()}
@@ -257,15 +309,13 @@ def prepare_split(
     batch_size: int = 16,
     part_size: int = PART_SIZE,
     overwrite: bool = False,
-    sides: tuple[str, ...] = ("audio", "text"),
 ) -> list[Path]:
-    """Write the tower stores ``split`` needs (of the towers on ``sides``); returns their paths."""
+    """Write every tower store ``split`` needs, here (``main.py`` spreads the same work over Ray tasks)."""
     target = resolve_device(device or config.device)
-    written = []
-    if "audio" in sides:
-        written.append(write_audio_store(config, split, target, batch_size, part_size, overwrite))
-    if "text" in sides:
-        written.append(write_text_store(config, split, target, max(batch_size, 64), overwrite))
+    written = [
+        write_audio_store(config, split, target, batch_size, part_size, overwrite),
+        write_text_store(config, split, target, max(batch_size, 64), overwrite),
+    ]
     return [path for path in written if path is not None]
 
 
