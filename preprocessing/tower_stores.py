@@ -89,10 +89,25 @@ def write_store(
     width = arrays[0].shape[1] if arrays else 0
     rows = np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, width), dtype)
     f.create_dataset("rows", data=rows, chunks=(min(512, len(rows)), width) if len(rows) else None)
-    f.create_dataset("offsets", data=np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64))
+    offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
+    write_index(f, settings, ids, names, offsets, item_ids, {name: np.asarray(v) for name, v in extras.items()})
+
+
+def write_index(
+    f: h5py.File,
+    settings: dict[str, Any],
+    ids: list[int],
+    names: list[str],
+    offsets: np.ndarray,
+    item_ids: Any,
+    extras: dict[str, np.ndarray],
+) -> None:
+    """Everything of a store but its ``rows``: each item's ``offsets`` (n+1,), id and scalars, and what it was
+    made from (``source_id``/``source_name``, the ``settings`` attribute)."""
+    f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
     f.create_dataset("item_id", data=np.asarray(item_ids, dtype=np.int64))
     for name, values in extras.items():
-        f.create_dataset(f"extra/{name}", data=np.asarray(values))
+        f.create_dataset(f"extra/{name}", data=values)
     f.create_dataset("source_id", data=np.asarray(ids, dtype=np.int64))
     f.create_dataset("source_name", data=_strings(names))
     f.attrs["settings"] = json.dumps(settings)
@@ -241,7 +256,9 @@ def merge_parts(parts: list[Path], path: Path, settings: dict[str, Any], fids: l
                 width, dtype, extra_names = f["rows"].shape[1], f["rows"].dtype, list(f.get("extra", {}))
             total += f["rows"].shape[0]
     if total == 0:
-        raise DatasetError(f"no usable audio file in {split_of(path)}: every clip was skipped; nothing written")
+        raise DatasetError(
+            f"no usable audio file: every clip was skipped (see the warnings); nothing written to {path}"
+        )
     with atomic_h5(path) as out:
         rows = out.create_dataset("rows", shape=(total, width), dtype=dtype, chunks=(min(512, total), width))
         offsets, item_ids, extras, row = [np.zeros(1, np.int64)], [], {n: [] for n in extra_names}, 0
@@ -256,17 +273,8 @@ def merge_parts(parts: list[Path], path: Path, settings: dict[str, Any], fids: l
                 for name in extra_names:
                     extras[name].append(f[f"extra/{name}"][:])
                 row += n
-        out.create_dataset("offsets", data=np.concatenate(offsets))
-        out.create_dataset("item_id", data=np.concatenate(item_ids))
-        for name, values in extras.items():
-            out.create_dataset(f"extra/{name}", data=np.concatenate(values))
-        out.create_dataset("source_id", data=np.asarray(fids, dtype=np.int64))
-        out.create_dataset("source_name", data=_strings(fnames))
-        out.attrs["settings"] = json.dumps(settings)
-
-
-def split_of(path: Path) -> str:
-    return path.name.split("_", 1)[0]
+        extras = {name: np.concatenate(values) for name, values in extras.items()}
+        write_index(out, settings, fids, fnames, np.concatenate(offsets), np.concatenate(item_ids), extras)
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -153,7 +154,17 @@ def text_source(config: Config, split: str) -> TextSource:
         cids, vectors, _ = read_text_embeds(text_embeds_file(config.data.dataset_dir, split))
         return CaptionVectors(cids, vectors)
     rows = open_store(store[0])
-    return CaptionVectors(rows.ids, np.stack([rows.rows(i)[0] for i in range(len(rows))]).astype(np.float32))
+    return CaptionVectors(rows.ids, rows.read_all().astype(np.float32))  # one row per caption, in item order
+
+
+def usable_captions(config: Config, split: str, audio: AudioSource, text: TextSource) -> pd.DataFrame:
+    """The rows of ``{split}_text.csv`` whose clip ``audio`` has and whose vector ``text`` has (a source of
+    tokens has every caption): preprocessing may have dropped some."""
+    table = read_table(text_table(config.data.dataset_dir, split), TEXT_COLUMNS)
+    keep = table["fid"].isin(audio.fids)
+    if text.cids is not None:
+        keep &= table["cid"].isin(text.cids)
+    return table[keep]
 
 
 class CaptionPairs(Dataset):
@@ -162,11 +173,7 @@ class CaptionPairs(Dataset):
 
     def __init__(self, config: Config, split: str) -> None:
         self.audio, self.text = audio_source(config, split), text_source(config, split)
-        table = read_table(text_table(config.data.dataset_dir, split), TEXT_COLUMNS)
-        keep = table["fid"].isin(self.audio.fids)
-        if self.text.cids is not None:
-            keep &= table["cid"].isin(self.text.cids)
-        table = table[keep]
+        table = usable_captions(config, split, self.audio, self.text)
         self.fids = table["fid"].to_numpy(np.int64)
         self.cids = table["cid"].to_numpy(np.int64)
         self.captions = table[config.text_embeddings.caption_column].astype(str).tolist()

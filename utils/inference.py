@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from models.dual_encoder import DualEncoderModel
 from utils.audio import clip_views, load_audio, logmel
 from utils.config import Config
-from utils.data import audio_source, pad_logmels, text_source, to_device
+from utils.data import audio_source, pad_logmels, text_source, to_device, usable_captions
 from utils.extractors import CaptionTokens, make_extractor
-from utils.stores import AUDIO_COLUMNS, TEXT_COLUMNS, audio_table, read_table, text_table
+from utils.stores import AUDIO_COLUMNS, audio_table, read_table
 from utils.text import load_sentence_model
 from utils.tower_stores import is_pretrained
 
@@ -63,11 +63,7 @@ def encode_split(
 
     text = text_source(config, split)
     row_of_fid = {int(f): i for i, f in enumerate(fids)}
-    text_rows = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
-    keep = text_rows["fid"].isin(row_of_fid)
-    if text.cids is not None:
-        keep &= text_rows["cid"].isin(text.cids)
-    text_rows = text_rows[keep]
+    text_rows = usable_captions(config, split, source, text)
     captions = text_rows[config.text_embeddings.caption_column].astype(str).tolist()
     items = [text.get(int(c), caption) for c, caption in zip(text_rows["cid"], captions)]
     step = TEXT_BATCH if text.cids is not None else batch_size  # vectors, or a text transformer per batch

@@ -242,6 +242,11 @@ class RowStore:
             self._file = h5py.File(self.path, "r")
         return self._file[self.rows_name][self.offsets[item] : self.offsets[item + 1]]
 
+    def read_all(self) -> np.ndarray:
+        """Every item's rows, concatenated ``(total rows, width)``: one read, for stores small enough."""
+        with h5py.File(self.path, "r") as f:
+            return f[self.rows_name][:]
+
     def item(self, item: int) -> dict[str, np.ndarray]:
         """Item number ``item`` as an extractor makes it: ``rows`` plus its scalars."""
         return {"rows": np.asarray(self.rows(item), dtype=np.float32)} | {
