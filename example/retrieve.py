@@ -54,7 +54,7 @@ import torch
 
 from utils.checkpoints import load_trained_model
 from utils.experiments import find_model
-from utils.inference import encode_audio_files, encode_captions, encode_split
+from utils.inference import AudioEmbeddings, encode_audio_files, encode_captions, encode_split, score_pairs
 from utils.runtime import resolve_device
 from utils.tower_stores import check_inputs
 
@@ -86,7 +86,7 @@ def retrieve(
     model, config = load_trained_model(model_path, torch.device("cpu"), backbones=True)
     target = resolve_device(device or config.device)
     model.to(target)
-    audio = encode_audio_files(model, config, audio_files, target)  # (n_files, E)
+    audio = encode_audio_files(model, config, audio_files, target)  # n_files clips
     text = encode_captions(model, config, captions, target)  # (n_captions, E)
     audio_names = [(p.name, "query") for p in audio_files]
     texts = [(c, "query") for c in captions]
@@ -97,11 +97,11 @@ def retrieve(
         folder = config.data.dataset_dir / gallery
         clips = [i for i, name in enumerate(split.fnames) if (folder / name).resolve() not in queried]
         lines = [j for j, caption in enumerate(split.captions) if caption not in captions]
-        audio = torch.cat([audio, split.audio[clips].to(target)])
+        audio = AudioEmbeddings.cat([audio, split.audio.rows(clips)])
         text = torch.cat([text, split.text[lines].to(target)])
         audio_names += [(split.fnames[i], "gallery") for i in clips]
         texts += [(split.captions[j], "gallery") for j in lines]
-    scores = (audio @ text.T).cpu()  # (n_audio, n_captions) cosine similarity
+    scores = score_pairs(model, target, audio, text)  # (n_audio, n_captions) cosines, through a text-aware head too
 
     for i, path in enumerate(audio_files):
         print(f"\nCaptions for {path}:")

@@ -16,6 +16,7 @@ _HOMES = {
     "WhisperEncoder": "models.hf_audio",
     "ClapAudioEncoder": "models.hf_audio",
     "Wav2Vec2BertEncoder": "models.hf_audio",
+    "ASTEncoder": "models.hf_audio",
     "AutoTextEncoder": "models.hf_text",
     "ClapTextEncoder": "models.hf_text",
     "TEXT_ENCODERS": "models.text_encoders",

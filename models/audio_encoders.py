@@ -1,10 +1,12 @@
-"""Audio encoders: log-mel ``(B, T, n_mels)`` + lengths ``(B,)`` -> clip embedding ``(B, out_dim)``."""
+"""Audio encoders: log-mel ``(B, T, n_mels)`` + lengths ``(B,)`` -> frames ``(B, T', frame_dim)`` + their valid
+lengths ``(B,)``, which a pooling head (``models/pooling.py``) turns into a clip vector; ``embed`` then maps a pooled
+vector ``(..., frame_dim)`` to the encoder's embedding ``(..., out_dim)`` (CNN14: its ``fc1``)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,22 +50,11 @@ def time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     return (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]).float()[:, None, :, None]
 
 
-def masked_time_pool(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean + max over the valid time steps only.
-
-    ``x``: ``(B, C, T')`` features after downsampling; ``lengths``: ``(B,)`` valid steps of each row.
-    Padding frames must not leak into the clip embedding, or a clip's embedding would depend
-    on the longest clip it happened to be batched with.
-    """
-    steps = torch.arange(x.size(-1), device=x.device)
-    valid = (steps[None, :] < lengths[:, None])[:, None, :]  # (B, 1, T')
-    mean = (x * valid).sum(-1) / lengths[:, None].clamp(min=1)
-    peak = x.masked_fill(~valid, float("-inf")).amax(-1)
-    return mean + peak
-
-
 class ConvStackEncoder(nn.Module):
-    """PANNs-style stack: mel batch-norm, ``ConvBlock``s, mean over frequency, masked time pooling, fc."""
+    """PANNs-style stack: mel batch-norm, ``ConvBlock``s, mean over frequency -> frames; after the pooling head
+    (PANNs: mean + max over time, ``MeanMaxPooling``), dropout and ``fc1`` with a ReLU."""
+
+    default_pooling: ClassVar[str] = "MeanMaxPooling"
 
     def __init__(self, n_mels: int, channels: list[int], out_dim: int, dropout: float, last_pool: int = 2) -> None:
         super().__init__()
@@ -75,19 +66,22 @@ class ConvStackEncoder(nn.Module):
         self.pools = pools
         self.dropout = dropout
         self.fc1 = nn.Linear(channels[-1], out_dim)
-        self.out_dim = out_dim
+        self.frame_dim, self.out_dim = channels[-1], out_dim
 
-    def forward(self, logmels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, logmels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, M)`` log-mels and ``(B,)`` frame counts -> frames ``(B, T', C)`` and their valid counts."""
         # logmels: (B, T, M) -> (B, 1, T, M); batch-norm over mel bands as in PANNs (bn0 sees M as channels).
         x = self.bn0(logmels.unsqueeze(1).transpose(1, 3)).transpose(1, 3) * time_mask(lengths, logmels.size(1))
         for i, pool in enumerate(self.pools, start=1):
             x = getattr(self, f"conv_block{i}")(x, time_mask(lengths, x.size(2)))
             x = F.dropout(x, self.dropout, self.training)
             lengths = torch.div(lengths, pool, rounding_mode="floor").clamp(min=1)  # frames left after pooling
-        x = x.mean(dim=3)  # (B, C, T'): average over frequency
-        x = masked_time_pool(x, lengths.clamp(max=x.size(-1)))  # (B, C)
-        x = F.dropout(x, self.dropout, self.training)
-        return F.relu(self.fc1(x))
+        frames = x.mean(dim=3).transpose(1, 2)  # (B, T', C): averaged over frequency
+        return frames, lengths.clamp(max=frames.size(1))
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """A pooled vector (or each frame, for a text-aware head) ``(..., C)`` -> ``(..., out_dim)``."""
+        return F.relu(self.fc1(F.dropout(pooled, self.dropout, self.training)))
 
 
 @AUDIO_ENCODERS.register

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ from models.audio_encoders import AUDIO_ENCODERS
 from models.heads import PROJECTIONS, LinearProjection, MLPProjection
 from models.hf_audio import PretrainedAudioTower
 from models.hf_text import PretrainedTextTower
+from models.pooling import POOLING
 from models.pretrained import load_pretrained
 from models.registry import StrictModel
 from models.text_encoders import TEXT_ENCODERS
@@ -29,11 +31,12 @@ class LearnableTemperature(StrictModel):
 
 
 class DualEncoderModel(nn.Module):
-    """Audio tower + text tower, each followed by a projection head to ``embed_dim``.
+    """Audio tower, pooling head and text tower, each tower followed by a projection head to ``embed_dim``.
 
     Outputs are L2-normalised, so a dot product between them is a cosine similarity; the
     loss's temperature, or the model's own learnable ``logit_scale``, turns those similarities
-    into logits.
+    into logits. With a text-aware pooling head a clip has no embedding of its own: the head pools the
+    clip's projected frames for each caption, and ``pair_scores`` scores every (clip, caption) pair through it.
     """
 
     class Config(StrictModel):
@@ -44,6 +47,9 @@ class DualEncoderModel(nn.Module):
         audio_enc: AUDIO_ENCODERS.config_union()
         text_enc: TEXT_ENCODERS.config_union()
         projection: PROJECTIONS.config_union() = LinearProjection.Config()  # the head of each tower
+        # how the audio encoder's frames become a clip vector; None: the encoder's own (CNNs: MeanMaxPooling, as
+        # PANNs; transformers towers: MeanPooling). TextAwareAttentionPooling pools projected frames per caption.
+        pooling: POOLING.config_union() | None = None
         # None: the loss's fixed criterion.temperature; else a temperature trained with the model
         learnable_temperature: LearnableTemperature | None = None
         # a released CLAP checkpoint (hub id, id@revision or folder) whose projections and logit scale start the
@@ -58,10 +64,15 @@ class DualEncoderModel(nn.Module):
         embed_dim: int,
         projection: StrictModel | None = None,
         learnable_temperature: LearnableTemperature | None = None,
+        pooling: StrictModel | None = None,
     ) -> None:
         super().__init__()
         self.audio_encoder = audio_encoder
         self.text_encoder = text_encoder
+        pooling = pooling or POOLING.get(audio_encoder.default_pooling).Config()
+        self.text_aware = POOLING.get(pooling.name).text_aware
+        # a text-aware head meets the captions in the shared space; the others pool the encoder's own frames
+        self.pooling = POOLING.build(pooling, dim=embed_dim if self.text_aware else audio_encoder.frame_dim)
         projection = projection or LinearProjection.Config()
         self.audio_proj = PROJECTIONS.build(projection, in_dim=audio_encoder.out_dim, out_dim=embed_dim)
         self.text_proj = PROJECTIONS.build(projection, in_dim=text_encoder.out_dim, out_dim=embed_dim)
@@ -79,13 +90,14 @@ class DualEncoderModel(nn.Module):
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by part, for per-part learning rates: ``heads`` (projections and adapters),
+        """Trainable parameters by part, for per-part learning rates: ``heads`` (projections, adapters, pooling),
         ``audio_encoder``, ``text_encoder`` and ``logit_scale``; frozen parameters and empty parts left out."""
         # a tower's trainable adapter goes with the heads: both are new layers on pretrained features
         adapter = getattr(self.audio_encoder, "adapter", nn.Identity())
         adapter_ids = {id(p) for p in adapter.parameters()}
         parts = {
             "heads": [*adapter.parameters(), *self.audio_proj.parameters(), *self.text_proj.parameters()],
+            "pooling": list(self.pooling.parameters()),
             "audio_encoder": [p for p in self.audio_encoder.parameters() if id(p) not in adapter_ids],
             "text_encoder": list(self.text_encoder.parameters()),
             "logit_scale": [self.logit_scale] if self.max_logit_scale is not None else [],
@@ -93,21 +105,79 @@ class DualEncoderModel(nn.Module):
         trainable = {name: [p for p in params if p.requires_grad] for name, params in parts.items()}
         return {name: params for name, params in trainable.items() if params}
 
+    def audio_frames(self, *inputs: torch.Tensor, **named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio tower's inputs -> the audio side of pair scoring: ``(B, T, embed_dim)`` and valid lengths
+        ``(B,)``. That is the clip's unit vector ``(B, 1, embed_dim)`` (lengths 1) for heads that ignore the text,
+        and the projected frames for a text-aware head, which pools them per caption (``pair_scores``).
+        Inputs: ``(B, T, n_mels)`` padded log-mels and ``(B,)`` frame counts for the CNNs, model inputs or
+        cached frames for the ``transformers`` towers."""
+        frames, lengths = self.audio_encoder(*inputs, **named)  # (B, T', frame_dim), (B,)
+        if self.text_aware:
+            return self.audio_proj(self.audio_encoder.embed(frames)), lengths
+        pooled = self.audio_proj(self.audio_encoder.embed(self.pooling(frames, lengths)))  # (B, embed_dim)
+        return F.normalize(pooled, dim=-1)[:, None], torch.ones_like(lengths)
+
     def encode_audio(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
-        """The audio tower's inputs -> ``(B, embed_dim)`` unit vectors: ``(B, T, n_mels)`` padded log-mels and
-        ``(B,)`` frame counts for the CNNs, model inputs or cached frames for the ``transformers`` towers."""
-        return F.normalize(self.audio_proj(self.audio_encoder(*inputs, **named)), dim=-1)
+        """The audio tower's inputs (see ``audio_frames``) -> ``(B, embed_dim)`` unit vectors."""
+        if self.text_aware:
+            raise TypeError(
+                f"{type(self.pooling).__name__} pools each clip per caption, so a clip has no embedding of its own: "
+                "score pairs with audio_frames and pair_scores (or score_all)"
+            )
+        return self.audio_frames(*inputs, **named)[0][:, 0]
 
     def encode_text(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         """The text tower's inputs -> ``(B, embed_dim)`` unit vectors: ``(B, D)`` sentence embeddings (or a
         frozen tower's cached vectors), or tokens ``input_ids``/``attention_mask`` ``(B, L)``."""
         return F.normalize(self.text_proj(self.text_encoder(*inputs, **named)), dim=-1)
 
+    def pair_scores(self, audio: torch.Tensor, lengths: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine scores ``(B_a, B_t)`` of every pair of ``audio_frames`` output ``(B_a, T, E)``, ``(B_a,)`` and
+        ``encode_text`` output ``(B_t, E)``: through the text-aware head, the cosine of each pair's pooled clip
+        with its caption."""
+        if not self.text_aware:
+            return audio[:, 0] @ text.T
+        return caption_cosines(self.pooling(audio, lengths, text), text)
+
+    def score_all(self, audio: torch.Tensor, lengths: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``pair_scores`` of a whole split ``(n_audio, n_captions)``, in chunks of pairs that keep a text-aware
+        head's intermediates within its ``chunk_mb`` (a Python loop over chunks, never over pairs)."""
+        if not self.text_aware:
+            return self.pair_scores(audio, lengths, text)
+        n_audio, n_text = len(audio), len(text)
+        pairs = self.pooling.chunk_pairs(audio.size(1))
+        clips = min(n_audio, pairs)  # all clips at once unless one caption's pairs alone exceed the budget
+        captions = max(1, min(n_text, pairs // clips))
+        scores = torch.empty(n_audio, n_text, device=audio.device)
+        for a in range(0, n_audio, clips):
+            longest = int(lengths[a : a + clips].max())  # a chunk's frames padded only to its own longest clip
+            prepared, chunk_lengths = self.pooling.prepare(audio[a : a + clips, :longest]), lengths[a : a + clips]
+            for t in range(0, n_text, captions):
+                chunk = text[t : t + captions]
+                scores[a : a + clips, t : t + captions] = caption_cosines(
+                    self.pooling.attend(prepared, chunk_lengths, chunk), chunk
+                )
+        return scores
+
     def forward(
-        self, audio: dict[str, torch.Tensor], text: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers at once, on a batch's named audio and text inputs: ``(B, embed_dim)`` unit vectors each."""
-        return self.encode_audio(**audio), self.encode_text(**text)
+        self,
+        audio: dict[str, torch.Tensor],
+        text: dict[str, torch.Tensor],
+        gather: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+    ) -> torch.Tensor:
+        """A batch's named audio and text inputs -> cosine scores ``(B, B)`` of every (clip, caption) pair, row i
+        and column i the batch's i-th pair. ``gather`` (data-parallel training) turns this worker's ``audio_frames``
+        and text embeddings into the global batch's, so the pairs are scored across workers."""
+        frames, lengths = self.audio_frames(**audio)
+        text_embeds = self.encode_text(**text)
+        if gather is not None:
+            frames, lengths, text_embeds = gather(frames, lengths, text_embeds)
+        return self.pair_scores(frames.float(), lengths, text_embeds.float())
+
+
+def caption_cosines(pooled: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(B_t, B_a, E)`` clips pooled per caption and the ``(B_t, E)`` unit captions -> cosines ``(B_a, B_t)``."""
+    return torch.einsum("tae,te->at", F.normalize(pooled, dim=-1), text)
 
 
 def create_model(
@@ -134,7 +204,9 @@ def create_model(
         text = text_cls(text_enc, in_dim=text_dim, load_backbone=backbones)
     else:
         text = text_cls(text_enc, in_dim=text_dim)
-    model = DualEncoderModel(audio, text, config.embed_dim, config.projection, config.learnable_temperature)
+    model = DualEncoderModel(
+        audio, text, config.embed_dim, config.projection, config.learnable_temperature, config.pooling
+    )
     if config.init_from is not None:
         init_from_clap(model, config.init_from)
     return model

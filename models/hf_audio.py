@@ -68,12 +68,6 @@ class LayeredAudioConfig(PretrainedAudioConfig):
     layer: int | None = None  # index into hidden_states (0: the embeddings, -1: the last); None: last_hidden_state
 
 
-def masked_mean(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean of ``frames`` ``(B, T, D)`` over the first ``lengths`` ``(B,)`` frames of each row -> ``(B, D)``."""
-    valid = (torch.arange(frames.size(1), device=frames.device)[None, :] < lengths[:, None]).to(frames.dtype)
-    return (frames * valid[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(frames.dtype)
-
-
 class Conv1dAdapter(nn.Conv1d):
     """``(B, T, D) -> (B, T, out_dim)``: a convolution over time, applied frame-major."""
 
@@ -81,10 +75,10 @@ class Conv1dAdapter(nn.Conv1d):
         return super().forward(frames.transpose(1, 2)).transpose(1, 2)
 
 
-def pools_first(adapter: AdapterConfig | None) -> bool:
-    """Whether a head with this adapter commutes with mean pooling (no adapter, or a linear one), so that a
-    frozen backbone's cache may keep one mean frame per clip instead of all its frames."""
-    return adapter is None or adapter.kind == "linear"
+def pools_first(adapter: AdapterConfig | None, pooling: StrictModel | None) -> bool:
+    """Whether a tower's adapter and pooling head commute with taking the mean over frames (no adapter or a linear
+    one, then mean pooling), so that a frozen backbone's store may keep one mean frame per clip instead of all."""
+    return (adapter is None or adapter.kind == "linear") and (pooling is None or pooling.name == "MeanPooling")
 
 
 def build_adapter(config: AdapterConfig | None, in_dim: int) -> nn.Module:
@@ -136,37 +130,38 @@ def _drop_backbone(module: nn.Module, state: dict[str, Any], prefix: str, _meta:
 
 class PretrainedAudioTower(PretrainedTower):
     """The shared body of the ``transformers`` audio towers; subclasses load their backbone and turn its
-    outputs into frames and valid lengths (``frames``)."""
+    outputs into frames and valid lengths (``frames``), which the trainable adapter then maps."""
 
     Config: ClassVar[type[PretrainedAudioConfig]]
     key: ClassVar[str] = "model.audio_enc.model_id"
+    default_pooling: ClassVar[str] = "MeanPooling"
 
     def __init__(
         self, config: PretrainedAudioConfig | None = None, *, frame_dim: int | None = None, load_backbone: bool = True
     ) -> None:
         super().__init__(config, frame_dim, load_backbone)
         self.adapter = build_adapter(self.config.adapter, self.width)
-        self.out_dim = self.config.adapter.out_dim if self.config.adapter else self.width
+        self.out_dim = self.frame_dim = self.config.adapter.out_dim if self.config.adapter else self.width
 
     def frames(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone on model inputs -> frames ``(B, T', D)`` and their valid lengths ``(B,)``."""
         raise NotImplementedError
 
-    def head(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Adapter, then the mean over valid frames: ``(B, T', D)`` + ``(B,)`` -> ``(B, out_dim)``."""
-        valid = torch.arange(frames.size(1), device=frames.device)[None, :] < lengths[:, None]  # (B, T')
-        frames = frames.float() * valid[..., None]  # padded frames are zeros, also for the convolution
-        return masked_mean(self.adapter(frames), lengths)
-
     def forward(
         self, frames: torch.Tensor | None = None, lengths: torch.Tensor | None = None, **inputs: torch.Tensor
-    ) -> torch.Tensor:
-        """Cached frames (``frames``, ``lengths``) or model inputs -> ``(B, out_dim)``."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached frames (``frames``, ``lengths``) or model inputs -> the adapter's frames ``(B, T', out_dim)``
+        (padded frames zero before it, so a convolution sees a clip's end as alone) and valid lengths ``(B,)``."""
         if frames is None:
             if self.backbone is None:
                 raise RuntimeError(f"{type(self).__name__} was built without its backbone: pass cached frames")
             frames, lengths = self.frames(**inputs)
-        return self.head(frames, lengths)
+        valid = torch.arange(frames.size(1), device=frames.device)[None, :] < lengths[:, None]  # (B, T')
+        return self.adapter(frames.float() * valid[..., None]), lengths
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The tower's embedding is its pooled frame: nothing follows the pooling head."""
+        return pooled
 
 
 def _hidden(outputs: Any, layer: int | None) -> torch.Tensor:
@@ -299,3 +294,58 @@ class Wav2Vec2BertEncoder(PretrainedAudioTower):
             lengths = self.backbone._get_feat_extract_output_lengths(lengths)
         hidden = _hidden(outputs, layer)
         return hidden, lengths.clamp(1, hidden.size(1))
+
+
+@AUDIO_ENCODERS.register
+class ASTEncoder(PretrainedAudioTower):
+    """The Audio Spectrogram Transformer (``ASTModel``) on ``ASTFeatureExtractor`` log-mels at 16 kHz, in windows
+    of the model's ``max_length`` frames (1024, 10.24 s, for the released model): ``input_values``
+    ``(B, windows, max_length, mel_bins)`` (``utils.extractors.ASTInputs``). Its patch tokens become time frames:
+    the CLS and distillation tokens are dropped, the patches laid out on their (frequency, time) grid and averaged
+    over frequency, one frame per patch column; each window runs alone and a clip's windows' frames follow one
+    another, so a long clip is seen whole and a clip's frames never depend on its batch."""
+
+    class Config(LayeredAudioConfig):
+        name: Literal["ASTEncoder"] = "ASTEncoder"
+        model_id: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
+
+    def __init__(self, config: Config | None = None, **inputs: Any) -> None:
+        super().__init__(config, **inputs)
+
+    @classmethod
+    def load_backbone(cls, config: Config) -> nn.Module:
+        from transformers import ASTModel
+
+        # an ASTForAudioClassification checkpoint (the released ones) loads its base model; the classifier is dropped
+        return load_pretrained(
+            ASTModel.from_pretrained, config.model_id, cls.key, trust_remote_code=config.trust_remote_code
+        )
+
+    def frames(
+        self, input_values: torch.Tensor, windows: torch.Tensor, n_frames: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_values`` ``(B, W, max_length, mel_bins)``, of which each clip's first ``windows`` ``(B,)`` hold
+        it (the rest is padding, never run); ``n_frames`` ``(B,)`` log-mel frames of real audio -> frames
+        ``(B, W * T, D)`` (``T`` patch columns per window) and their valid lengths ``(B,)``: the columns whose
+        patches start inside the clip's audio."""
+        config = self.backbone.config
+        batch, n_windows, length = input_values.shape[:3]
+        if length != config.max_length:  # its position embeddings are those of one window's patch grid
+            raise ValueError(f"{type(self).__name__}: windows of {length} frames, the model takes {config.max_length}")
+        real = torch.arange(n_windows, device=input_values.device)[None, :] < windows[:, None]  # (B, W)
+        layer = self.config.layer
+        # the batch's real windows in one call, each its own sequence: padded windows cost nothing and touch nothing
+        outputs = self.backbone(input_values=input_values[real], output_hidden_states=layer is not None)
+        patches = _hidden(outputs, layer)[:, 2:]  # (N, F * T, D): after the CLS and distillation tokens
+        rows, columns = self.backbone.embeddings.get_shape(config)  # (F, T)
+        # ASTPatchEmbeddings convolves (B, 1, mel_bins, time) and flattens its (F, T) output grid row-major:
+        # patch f * T + t is frequency row f of time column t
+        per_window = patches.reshape(len(patches), rows, columns, -1).mean(1)  # (N, T, D)
+        frames = per_window.new_zeros(batch, n_windows, columns, per_window.size(-1))
+        frames[real] = per_window
+        # all columns of the full windows, and those of the last window that start before the audio ends
+        last = (windows - 1).clamp(min=0)
+        rest = (n_frames - last * length).clamp(min=0)  # frames of audio in the last window
+        stride = config.time_stride
+        lengths = last * columns + torch.div(rest + stride - 1, stride, rounding_mode="floor").clamp(max=columns)
+        return frames.reshape(batch, n_windows * columns, -1), lengths.clamp(1, n_windows * columns)

@@ -14,7 +14,8 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from models.hf_audio import PretrainedTower, PretrainedTowerConfig, masked_mean
+from models.hf_audio import PretrainedTower, PretrainedTowerConfig
+from models.pooling import masked_mean
 from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
 

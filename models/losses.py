@@ -59,6 +59,13 @@ class ContrastiveLoss(nn.Module):
         """``audio_embeds``, ``text_embeds``: ``(N, E)`` row-aligned pairs; ``audio_ids``: ``(N,)`` clip of
         each row; ``logit_scale``: a learnable ``1 / temperature`` (scalar) that replaces the config's."""
         scores = similarity(audio_embeds, text_embeds, self.config.dist)  # (N, N): s(audio_i, text_j)
+        return self.from_pair_scores(scores, audio_ids, logit_scale)
+
+    def from_pair_scores(
+        self, scores: torch.Tensor, audio_ids: torch.Tensor, logit_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of ``(N, N)`` unscaled pair scores (``DualEncoderModel.forward``'s cosines), divided by the
+        temperature or multiplied by a learnable ``logit_scale``."""
         scores = scores / self.config.temperature if logit_scale is None else scores * logit_scale
         return self.from_scores(scores, audio_ids)
 

@@ -76,7 +76,10 @@ class Registry(Generic[T]):
     def build(self, config: StrictModel, **inputs: Any) -> Any:
         """Instantiate the class named by ``config.name`` with that config and the runtime ``inputs``
         (sizes that come from the data, such as ``n_mels``)."""
-        return self.get(config.name)(config, **inputs)
+        cls = self.get(config.name)
+        # a class whose constructor takes its own arguments (a contract users call) builds through from_config
+        make = getattr(cls, "from_config", None)
+        return make(config, **inputs) if make is not None else cls(config, **inputs)
 
     def config_union(self) -> Any:
         """Type of a config field that accepts the ``Config`` of any registered class."""

@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from models.audio_encoders import AUDIO_ENCODERS
-from models.hf_audio import masked_mean
+from models.pooling import masked_mean
 from models.text_encoders import TEXT_ENCODERS
 from utils.audio import clip_views, load_audio
 from utils.config import Config, validate

@@ -1,41 +1,57 @@
 """Data-parallel training sees the global batch: two gloo workers give the single-process gradient,
-for both losses and for a learnable temperature."""
+for both losses, for a learnable temperature, and for text-aware pooling over frames that are padded to
+another length on each worker."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 from models.losses import ClipLoss, LogSoftmaxLoss
-from utils.distributed import gather_batch, world
+from models.pooling import TextAwareAttentionPooling
+from utils.distributed import gather_ids, gather_pairs, world
 
 AUDIO_IDS = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])  # several captions of one clip, split across workers
 
 
+LENGTHS = torch.tensor([5, 2, 4, 1, 3, 2, 1, 3])  # rank 0's rows hold 5 frames, rank 1's only 3
+
+
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
+    return torch.randn(8, 5, 6, generator=g), torch.randn(8, 5, generator=g)
 
 
-LOSSES = {"LogSoftmaxLoss": LogSoftmaxLoss(temperature=0.1), "ClipLoss": ClipLoss()}
+LOSSES = {"LogSoftmaxLoss": LogSoftmaxLoss(temperature=0.1), "ClipLoss": ClipLoss(), "TAP": LogSoftmaxLoss()}
 
 
 class Towers(nn.Module):
-    """Two linear towers, with ClipLoss a learnable log logit scale too, the same seeded weights in every process."""
+    """Two linear towers scored as ``DualEncoderModel.forward`` scores them (mean-pooled, or through text-aware
+    pooling), with ClipLoss a learnable log logit scale too, the same seeded weights in every process."""
 
     def __init__(self, loss_name: str):
         super().__init__()
         torch.manual_seed(0)
         self.audio, self.text = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.tap = TextAwareAttentionPooling(4, 3, attn_dropout=0.0) if loss_name == "TAP" else None
         # DDP needs every parameter in each step's loss, as training has: a scale only where the loss uses it
         self.logit_scale = nn.Parameter(torch.tensor(2.0)) if loss_name == "ClipLoss" else None
 
     def scale(self) -> torch.Tensor | None:
         return self.logit_scale.exp() if self.logit_scale is not None else None
 
-    def forward(self, audio, text):
-        return self.audio(audio), self.text(text)
+    def forward(self, audio, lengths, text, gather=None):
+        frames, text = self.audio(audio[:, : int(lengths.max())]), F.normalize(self.text(text), dim=-1)
+        if self.tap is None:
+            valid = (torch.arange(frames.size(1))[None, :] < lengths[:, None])[..., None]
+            frames = F.normalize((frames * valid).sum(1) / lengths[:, None], dim=-1)[:, None]
+        if gather is not None:
+            frames, lengths, text = gather(frames, lengths, text)
+        if self.tap is None:
+            return frames[:, 0] @ text.T
+        return torch.einsum("tae,te->at", F.normalize(self.tap(frames, lengths, text), dim=-1), text)
 
 
 def worker(rank: int, world_size: int, store: str, out: str, loss_name: str) -> None:
@@ -44,16 +60,16 @@ def worker(rank: int, world_size: int, store: str, out: str, loss_name: str) -> 
     model = nn.parallel.DistributedDataParallel(Towers(loss_name))
     audio, text = inputs()
     rows = slice(rank * 4, rank * 4 + 4)  # this worker's half of the global batch
-    a, t = model(audio[rows], text[rows])
-    a, t, ids = gather_batch(a, t, AUDIO_IDS[rows])
+    scores = model(audio[rows], LENGTHS[rows], text[rows], gather_pairs)
+    ids = gather_ids(AUDIO_IDS[rows])
     assert torch.equal(ids, AUDIO_IDS)
-    loss = LOSSES[loss_name](a, t, ids, logit_scale=model.module.scale())
+    loss = LOSSES[loss_name].from_pair_scores(scores, ids, logit_scale=model.module.scale())
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
     # Free DDP's reducer while the group is still registered: freed after destroy_process_group, it would
     # destroy the group itself and join gloo's thread while holding the GIL that thread waits for (a hang).
-    del model, a, t, loss
+    del model, scores, loss
     dist.destroy_process_group()
 
 
@@ -66,7 +82,7 @@ def test_two_workers_match_one_process_on_the_global_batch(tmp_path, loss_name):
 
     model = Towers(loss_name)
     audio, text = inputs()
-    loss = LOSSES[loss_name](*model(audio, text), AUDIO_IDS, logit_scale=model.scale())
+    loss = LOSSES[loss_name].from_pair_scores(model(audio, LENGTHS, text), AUDIO_IDS, logit_scale=model.scale())
     loss.backward()
     assert torch.allclose(distributed["loss"], loss.detach(), atol=1e-6)
     assert set(distributed["grads"]) == {name for name, _ in model.named_parameters()}
@@ -75,5 +91,5 @@ def test_two_workers_match_one_process_on_the_global_batch(tmp_path, loss_name):
 
 
 def test_single_process_gather_is_identity():
-    a, t, ids = torch.randn(3, 2), torch.randn(3, 2), torch.arange(3)
-    assert gather_batch(a, t, ids) == (a, t, ids) and world() == (1, 0)
+    a, lengths, t, ids = torch.randn(3, 1, 2), torch.ones(3), torch.randn(3, 2), torch.arange(3)
+    assert gather_pairs(a, lengths, t) == (a, lengths, t) and gather_ids(ids) is ids and world() == (1, 0)

@@ -12,6 +12,7 @@ from tiny_models import tiny_clap, tiny_roberta, tiny_w2v_bert, tiny_whisper
 
 from models import AutoTextEncoder, ClapAudioEncoder, Wav2Vec2BertEncoder, WhisperEncoder
 from models.losses import LOSSES
+from models.pooling import masked_mean
 from models.weights import load_weights
 from preprocessing.tower_stores import prepare_split, tower_outputs, write_audio_store
 from utils.audio import CropConfig, clip_views, eval_crops, fit_length
@@ -49,11 +50,11 @@ def test_cached_backbone_outputs_give_the_tower_on_raw_inputs(folders, adapter):
     extractor = WhisperInputs(tower.config)
     inputs = extractor.collate([extractor.extract(w, seed=0) for w in waves()])
     with torch.no_grad():
-        raw = tower(**inputs)  # (3, 8): the backbone, the adapter and the pooling
+        raw = masked_mean(*tower(**inputs))  # (3, 8): the backbone, the adapter and the pooling
         pooled = adapter["kind"] == "linear"  # a linear head commutes with the mean: one frame per clip is enough
         cached = collate_frames([{"rows": rows} for rows in tower_outputs(tower, inputs, pooled)])
         assert cached["frames"].shape[1] == (1 if pooled else 200)  # only the frames of audio are stored
-        assert torch.allclose(tower(**cached), raw, atol=1e-5)
+        assert torch.allclose(masked_mean(*tower(**cached)), raw, atol=1e-5)
         # the definition: the adapter on the clip's own frames (a 1 s clip has 50 of the 300), then their mean;
         # padded frames never reach it, not even through the convolution's edge
         frames, lengths = tower.frames(**inputs)
@@ -234,7 +235,7 @@ def test_logmel_crops_are_fresh_in_training_and_windows_averaged_in_evaluation(t
     expected = torch.nn.functional.normalize(each.mean(0), dim=-1)
     fnames = pd.read_csv(config.data.dataset_dir / "validation_audio.csv").set_index("fid")["fname"]
     row = split.fnames.index(fnames[fid])
-    assert torch.allclose(split.audio[row], expected, atol=1e-5)
+    assert torch.allclose(split.audio.frames[row, 0], expected, atol=1e-5)
 
 
 def test_clap_fusion_input_is_the_whole_clip_and_three_crops_of_long_clips(tmp_path):
@@ -248,7 +249,8 @@ def test_clap_fusion_input_is_the_whole_clip_and_three_crops_of_long_clips(tmp_p
     again = extractor.collate([extractor.extract(long, seed=1)])["input_features"]
     assert torch.equal(again[0], batch["input_features"][0])  # the random crops are seeded: a store is reproducible
     with torch.no_grad():
-        assert tower(**batch).shape == (2, 16)
+        frames, lengths = tower(**batch)
+        assert frames.shape == (2, 1, 16) and lengths.tolist() == [1, 1]  # CLAP's frame: its pooled embedding
     with pytest.raises(ConfigError, match="fusion is False but .* was trained with feature fusion"):
         ClapAudioEncoder(ClapAudioEncoder.Config(model_id=str(folder)))
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    ASTConfig,
+    ASTFeatureExtractor,
+    ASTModel,
     ClapAudioConfig,
     ClapConfig,
     ClapFeatureExtractor,
@@ -135,4 +138,27 @@ def tiny_w2v_bert(folder: Path, **adapter: object) -> Path:
     )
     Wav2Vec2BertModel(config).save_pretrained(folder)
     SeamlessM4TFeatureExtractor(feature_size=80, num_mel_bins=80, sampling_rate=16000, stride=2).save_pretrained(folder)
+    return folder
+
+
+def tiny_ast(folder: Path, num_mel_bins: int = 32, max_length: int = 128) -> Path:
+    """A 1-layer ``ASTModel`` (hidden 32, the released model's 16x16 patches every 10 frames and bins) and its
+    ``ASTFeatureExtractor``: 32 mel bins make a frequency grid of 2 rows, windows of 128 frames (1.28 s, 12 patch
+    columns) make the demo clips need several windows."""
+    torch.manual_seed(0)
+    config = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_mel_bins=num_mel_bins,
+        max_length=max_length,
+    )
+    model = ASTModel(config)
+    with torch.no_grad():  # AST starts them at zero: random ones, so that a patch's place in the grid matters
+        embeddings = model.embeddings
+        for token in (embeddings.cls_token, embeddings.distillation_token, embeddings.position_embeddings):
+            token.normal_(std=0.5)
+    model.save_pretrained(folder)
+    ASTFeatureExtractor(num_mel_bins=num_mel_bins, max_length=max_length).save_pretrained(folder)
     return folder

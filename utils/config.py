@@ -53,7 +53,9 @@ SEARCH_SPACE_KINDS = {
 }
 
 
-ParameterGroup = Literal["heads", "audio_encoder", "text_encoder", "logit_scale"]  # DualEncoderModel.parameter_groups
+ParameterGroup = Literal[
+    "heads", "pooling", "audio_encoder", "text_encoder", "logit_scale"
+]  # DualEncoderModel.parameter_groups
 
 
 class GroupSettings(StrictModel):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from models.hf_audio import ClapAudioEncoder, PretrainedAudioConfig, Wav2Vec2BertEncoder, WhisperEncoder
+from models.hf_audio import ASTEncoder, ClapAudioEncoder, PretrainedAudioConfig, Wav2Vec2BertEncoder, WhisperEncoder
 from models.hf_text import PretrainedTextConfig
 from models.pretrained import load_pretrained
 
@@ -114,10 +114,60 @@ class SeamlessInputs:
         return {"input_features": features, "attention_mask": mask.long()}
 
 
-EXTRACTORS = {"WhisperEncoder": WhisperInputs, "ClapAudioEncoder": ClapInputs, "Wav2Vec2BertEncoder": SeamlessInputs}
+class ASTInputs:
+    """``ASTFeatureExtractor`` at 16 kHz: Kaldi log-mels of a clip cut into consecutive windows of its
+    ``max_length`` frames (1024, 10.24 s, for the released model), the last one padded as the extractor pads a
+    short clip. An item's ``rows`` are its windows one after another ``(windows * max_length, mel_bins)``, with
+    ``windows`` and ``n_frames`` (the log-mel frames of real audio); ``collate`` gives ``input_values``
+    ``(B, max windows, max_length, mel_bins)`` (padded windows zero, never run), ``windows`` and ``n_frames``
+    ``(B,)``."""
+
+    def __init__(self, config: ASTEncoder.Config) -> None:
+        from transformers import ASTFeatureExtractor
+
+        self.extractor = load_pretrained(ASTFeatureExtractor.from_pretrained, config.model_id, ASTEncoder.key)
+        self.sample_rate = int(self.extractor.sampling_rate)
+        self.draws_at_random = False  # the whole clip
+        # the extractor's framing (Kaldi's fbank, in both of its backends): 25 ms frames every 10 ms, not centred
+        self.frame_samples, self.hop_samples = round(0.025 * self.sample_rate), round(0.010 * self.sample_rate)
+
+    def extract(self, wave: np.ndarray, seed: int, train: bool = True) -> Item:
+        length, frame, hop = self.extractor.max_length, self.frame_samples, self.hop_samples
+        if len(wave) < frame:  # less than one frame, which the extractor cannot frame: made one
+            wave = np.pad(wave, (0, frame - len(wave)))
+        n_frames = 1 + (len(wave) - frame) // hop
+        n_windows = -(-n_frames // length)
+        # window k is the samples of the clip's frames k * length ... (k + 1) * length - 1: the extractor on it
+        # gives exactly those frames of the whole clip (each frame is computed on its own samples), and pads the
+        # last window as it pads any short clip
+        span = (length - 1) * hop + frame
+        pieces = [wave[k * length * hop : k * length * hop + span] for k in range(n_windows)]
+        features = self.extractor(pieces, sampling_rate=self.sample_rate, return_tensors="np")["input_values"]
+        rows = np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])  # (windows * length, mel_bins)
+        return {"rows": rows, "windows": np.int64(n_windows), "n_frames": np.int64(n_frames)}
+
+    def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        length, bins = self.extractor.max_length, items[0]["rows"].shape[1]
+        windows = [int(item["windows"]) for item in items]
+        features = torch.zeros(len(items), max(windows), length, bins)  # (B, W, max_length, mel_bins)
+        for i, item in enumerate(items):
+            features[i, : windows[i]] = torch.from_numpy(np.asarray(item["rows"], np.float32)).reshape(-1, length, bins)
+        return {
+            "input_values": features,
+            "windows": torch.tensor(windows),
+            "n_frames": torch.tensor([int(item["n_frames"]) for item in items]),
+        }
 
 
-def make_extractor(config: PretrainedAudioConfig) -> WhisperInputs | ClapInputs | SeamlessInputs:
+EXTRACTORS = {
+    "WhisperEncoder": WhisperInputs,
+    "ClapAudioEncoder": ClapInputs,
+    "Wav2Vec2BertEncoder": SeamlessInputs,
+    "ASTEncoder": ASTInputs,
+}
+
+
+def make_extractor(config: PretrainedAudioConfig) -> WhisperInputs | ClapInputs | SeamlessInputs | ASTInputs:
     """The input maker of the ``transformers`` audio tower that ``config`` describes."""
     return EXTRACTORS[config.name](config)
 

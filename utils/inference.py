@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,21 +24,83 @@ TEXT_BATCH = 1024  # captions per text-tower call for precomputed vectors: a pro
 
 
 @dataclass
+class AudioEmbeddings:
+    """The audio side of pair scoring for n clips (``DualEncoderModel.audio_frames``): ``frames`` ``(n, T, E)``
+    and valid counts ``lengths`` ``(n,)``; one unit vector per clip (T = 1) unless the pooling head is
+    text-aware, which pools each clip's projected frames per caption."""
+
+    frames: torch.Tensor
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, index: list[int]) -> AudioEmbeddings:
+        """The clips at ``index``, cut to their own longest."""
+        lengths = self.lengths[index]
+        return AudioEmbeddings(self.frames[index, : int(lengths.max()) if len(index) else 1], lengths)
+
+    def to(self, device: torch.device) -> AudioEmbeddings:
+        return AudioEmbeddings(self.frames.to(device), self.lengths.to(device))
+
+    @staticmethod
+    def of_views(model: DualEncoderModel, views: list[torch.Tensor], clip: list[int], n: int) -> AudioEmbeddings:
+        """Each clip from its views' valid frames ``(T_v, E)`` (``clip[v]``: view v's clip, of ``n``): the normalised
+        mean of its views' vectors, or for a text-aware head all its views' frames in order."""
+        if not model.text_aware:
+            vectors = torch.cat(views)  # (n_views, E): one frame per view
+            if len(views) > n:
+                vectors = torch.zeros(n, vectors.size(1)).index_add_(0, torch.tensor(clip), vectors)
+            return AudioEmbeddings(F.normalize(vectors, dim=-1)[:, None], torch.ones(n, dtype=torch.long))
+        per_clip: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for row, frames in zip(clip, views):
+            per_clip[row].append(frames)
+        return AudioEmbeddings.cat(
+            [AudioEmbeddings(torch.cat(f)[None], torch.tensor([sum(map(len, f))])) for f in per_clip]
+        )
+
+    @staticmethod
+    def cat(parts: list[AudioEmbeddings]) -> AudioEmbeddings:
+        """Concatenate, padding frames to the longest clip."""
+        steps = max(part.frames.size(1) for part in parts)
+        frames = [F.pad(part.frames, (0, 0, 0, steps - part.frames.size(1))) for part in parts]
+        return AudioEmbeddings(torch.cat(frames), torch.cat([part.lengths for part in parts]))
+
+
+@dataclass
 class SplitEmbeddings:
     """Every clip and caption of a split in the shared space.
 
-    Row i of ``text`` describes clip ``audio[caption_audio[i]]``.
+    Row i of ``text`` describes clip ``caption_audio[i]`` of ``audio``.
     """
 
     fnames: list[str]  # (n_audio,)
-    audio: torch.Tensor  # (n_audio, E)
+    audio: AudioEmbeddings  # n_audio clips
     captions: list[str]  # (n_captions,)
     text: torch.Tensor  # (n_captions, E)
     caption_audio: torch.Tensor  # (n_captions,) long
+    score: Callable[[AudioEmbeddings, torch.Tensor], torch.Tensor]  # score_pairs with the model that embedded them
 
     def scores(self) -> torch.Tensor:
-        """Cosine similarity ``(n_audio, n_captions)`` (embeddings are unit length)."""
-        return self.audio @ self.text.T
+        """Cosine similarity ``(n_audio, n_captions)`` of every pair (chunked through a text-aware head)."""
+        return self.score(self.audio, self.text)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: DualEncoderModel, device: torch.device, audio: AudioEmbeddings, text: torch.Tensor
+) -> torch.Tensor:
+    """Cosine scores ``(n_audio, n_captions)`` on the CPU of ``audio`` and ``text`` ``(n_captions, E)``, computed on
+    ``device`` by the model's ``score_all``."""
+    model.eval()
+    audio = audio.to(device)
+    return model.score_all(audio.frames, audio.lengths, text.to(device)).cpu()
+
+
+def embed_views(model: DualEncoderModel, batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A batch of audio views -> each view's valid ``audio_frames`` ``(T_v, E)``, on the CPU."""
+    frames, lengths = model.audio_frames(**to_device(batch, device))
+    return [f[:n] for f, n in zip(frames.cpu(), lengths.tolist())]
 
 
 @torch.no_grad()
@@ -44,7 +108,8 @@ def encode_split(
     model: DualEncoderModel, config: Config, split: str, device: torch.device, batch_size: int = 32
 ) -> SplitEmbeddings:
     """Encode each clip and each caption of ``split`` exactly once, in batches, in inference mode. A clip
-    seen through several views (sliding windows, stored crops) is the normalised mean of their embeddings."""
+    seen through several views (sliding windows, stored crops) is the normalised mean of their embeddings
+    (for a text-aware head: the frames of all its views)."""
     model.eval()  # dropout off, BatchNorm running statistics
     dataset_dir = config.data.dataset_dir
     audio_rows = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
@@ -54,12 +119,8 @@ def encode_split(
     views = [(row, view) for row, fid in enumerate(fids) for view in source.views(int(fid))]
     embeds = []
     for start in range(0, len(views), batch_size):
-        batch = source.collate([view for _, view in views[start : start + batch_size]])
-        embeds.append(model.encode_audio(**to_device(batch, device)).cpu())
-    audio = torch.cat(embeds)  # (n_views, E)
-    if len(views) > len(fids):  # average each clip's views: (n_views, E) -> (n_audio, E)
-        clip = torch.tensor([row for row, _ in views])
-        audio = F.normalize(torch.zeros(len(fids), audio.size(1)).index_add_(0, clip, audio), dim=-1)
+        embeds += embed_views(model, source.collate([view for _, view in views[start : start + batch_size]]), device)
+    audio = AudioEmbeddings.of_views(model, embeds, [row for row, _ in views], len(fids))
 
     text = text_source(config, split)
     row_of_fid = {int(f): i for i, f in enumerate(fids)}
@@ -77,22 +138,23 @@ def encode_split(
         captions=text_rows["raw_text"].tolist(),
         text=torch.cat(text_embeds),
         caption_audio=torch.tensor([row_of_fid[int(f)] for f in text_rows["fid"]], dtype=torch.long),
+        score=functools.partial(score_pairs, model, device),
     )
 
 
 @torch.no_grad()
 def encode_audio_files(
     model: DualEncoderModel, config: Config, paths: list[Path], device: torch.device
-) -> torch.Tensor:
-    """New audio files -> ``(n_files, E)``: each file decoded and seen as the config's evaluation views (log-mels
-    for a CNN, the tower's own extractor for a ``transformers`` tower, whose backbone the model must hold),
-    the views' embeddings averaged."""
+) -> AudioEmbeddings:
+    """New audio files -> their ``AudioEmbeddings``: each file decoded and seen as the config's evaluation views
+    (log-mels for a CNN, the tower's own extractor for a ``transformers`` tower, whose backbone the model must
+    hold), the views combined as in ``encode_split``."""
     model.eval()
     tower = config.model.audio_enc
     extractor = make_extractor(tower) if is_pretrained(tower) else None
     rate = extractor.sample_rate if extractor else config.features.sample_rate
-    embeds = []
-    for path in paths:
+    embeds, clip = [], []
+    for row, path in enumerate(paths):
         wave = load_audio(path, rate, config.features.max_seconds)
         if extractor is None:
             frames = logmel(wave, config.features, name=str(path))
@@ -102,8 +164,9 @@ def encode_audio_files(
         else:
             views = clip_views(wave, rate, config.crops, False, np.random.default_rng(0))
             batch = extractor.collate([extractor.extract(view, seed=k, train=False) for k, view in enumerate(views)])
-        embeds.append(F.normalize(model.encode_audio(**to_device(batch, device)).mean(0), dim=-1))
-    return torch.stack(embeds)
+        embeds += embed_views(model, batch, device)
+        clip += [row] * len(views)
+    return AudioEmbeddings.of_views(model, embeds, clip, len(paths))
 
 
 @torch.no_grad()

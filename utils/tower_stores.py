@@ -56,7 +56,7 @@ def audio_store_settings(config: Config, train: bool) -> dict[str, Any]:
         model = {k: v for k, v in tower.model_dump(mode="json").items() if k in ("name", "model_id", "fusion")}
     else:  # the backbone's output: everything about the backbone, and frames or one mean frame
         model = tower.model_dump(mode="json", exclude={"trainable", "adapter", "store"})
-        model["pooled"] = pools_first(tower.adapter)
+        model["pooled"] = pools_first(tower.adapter, config.model.pooling)
     crops = config.crops.model_dump(mode="json")
     views = {"seconds": crops["seconds"], "pad": crops["pad"]}
     if crops["seconds"] is not None:

@@ -19,7 +19,7 @@ from models.weights import load_weights
 from utils.checkpoints import build_model, load_checkpoint, model_inputs, save_checkpoint
 from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
 from utils.data import CaptionPairs, pair_loader, to_device
-from utils.distributed import gather_batch, world
+from utils.distributed import gather_ids, gather_pairs, world
 from utils.inference import encode_split
 from utils.metrics import flatten_metrics, retrieval_metrics
 from utils.runtime import resolve_device, seed_everything
@@ -119,12 +119,13 @@ def run_epoch(
     with torch.set_grad_enabled(training):
         for batch in loader:
             batch = to_device(batch, device)
-            with autocast:
-                audio, text = model(batch["audio"], batch["text"])  # (B, E) each
             audio_ids = batch["audio_ids"]  # (B,)
+            gather = gather_pairs if training else None  # the global batch's pairs, scored inside DDP's forward
+            with autocast:
+                scores = model(batch["audio"], batch["text"], gather)  # (N, N) cosines, N: the global batch
             if training:
-                audio, text, audio_ids = gather_batch(audio, text, audio_ids)
-            loss = criterion(audio.float(), text.float(), audio_ids, logit_scale=base.scale())
+                audio_ids = gather_ids(audio_ids)
+            loss = criterion.from_pair_scores(scores.float(), audio_ids, logit_scale=base.scale())
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} after {batches} batches; lower the learning rate or check the features"
