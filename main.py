@@ -178,23 +178,22 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     data, ray_conf = config.data, config.ray_conf
     if not data.dataset_dir.is_dir():
         raise ConfigError(f"data.dataset_dir: {data.dataset_dir} does not exist or is not a folder")
-    variants = store_variants(config)
+    variants = store_variants(config)  # every architecture and store setting the search can choose
     for variant in variants:
         check_model_ids(variant)
-    for split in (data.train_split, data.val_split):
-        needed = [logmel_file(data.dataset_dir, split)] if not is_pretrained(config.model.audio_enc) else []
-        if not is_pretrained(config.model.text_enc):
-            needed.append(text_embeds_file(data.dataset_dir, split))
-        for path in needed:
-            if not path.is_file():
-                raise ConfigError(
-                    f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
-                )
-        for variant in variants:  # tower stores still to be made are made once Ray runs (prepare_stores)
-            check_inputs(variant, split, missing_ok=True)
-    if not any(missing_stores(variant, variant.data.splits()) for variant in variants):
-        # a missing or mismatched pretrained weight file, or heads that do not fit, fail here, not in every trial
-        build_model(config, torch.device("cpu"))
+        for split in (variant.data.train_split, variant.data.val_split):
+            needed = [] if is_pretrained(variant.model.audio_enc) else [logmel_file(variant.data.dataset_dir, split)]
+            if not is_pretrained(variant.model.text_enc):
+                needed.append(text_embeds_file(variant.data.dataset_dir, split))
+            for path in needed:
+                if not path.is_file():
+                    raise ConfigError(
+                        f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
+                    )
+            check_inputs(variant, split, missing_ok=True)  # tower stores still to be made: once Ray runs
+        if not missing_stores(variant, variant.data.splits()):
+            # a missing or mismatched pretrained weight file, or heads that do not fit, fail here, not in a trial
+            build_model(variant, torch.device("cpu"))
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
         raise ConfigError(
             "device: 'cuda' needs ray_conf.gpus_per_trial > 0: Ray hides the GPUs from trials that reserve none "
@@ -212,7 +211,15 @@ def check_model_ids(config: Config) -> None:
     audio, text = config.model.audio_enc, config.model.text_enc
     for key, tower in (("model.audio_enc.model_id", audio), ("model.text_enc.model_id", text)):
         if is_pretrained(tower):
-            load_pretrained(AutoConfig.from_pretrained, tower.model_id, key, trust_remote_code=tower.trust_remote_code)
+            # a Stable Diffusion text encoder's config.json is in its subfolder of the pipeline's repository
+            subfolder = getattr(tower, "subfolder", None)
+            load_pretrained(
+                AutoConfig.from_pretrained,
+                tower.model_id,
+                key,
+                trust_remote_code=tower.trust_remote_code,
+                **({"subfolder": subfolder} if subfolder else {}),
+            )
     if is_pretrained(audio):
         make_extractor(audio)
     if is_pretrained(text):
@@ -222,29 +229,41 @@ def check_model_ids(config: Config) -> None:
 
 
 # Keys whose values change what a tower store holds, or where it is: a search over them needs one store per value.
-STORE_KEYS = ("model.audio_enc", "model.text_enc", "crops", "features.max_seconds", "text_embeddings", "data")
+STORE_KEYS = (
+    "model.audio_enc",
+    "model.text_enc",
+    "model.pooling",  # a frozen tower keeps one mean frame per clip for mean pooling only
+    "crops",
+    "features.max_seconds",
+    "text_embeddings",
+    "data",
+)
 
 
 def store_variants(config: Config) -> list[Config]:
-    """The config, and one config per combination of the searched values of keys that change the towers' stores
-    (``choice`` or ``grid`` only: a store is computed once per value, so a continuous range is refused)."""
-    if not any(map(is_pretrained, (config.model.audio_enc, config.model.text_enc))):
-        return [config]
+    """The config, and one config per combination of the searched values of keys that change what the towers read
+    (log-mels, caption embeddings, tower stores): a search across architectures needs each one's inputs. A
+    continuous range over such a key is refused where a ``transformers`` tower reads stores computed once per
+    value (use ``choice`` or ``grid``)."""
     raw = config.model_dump(mode="json")
-    searched = {}
+    discrete, continuous = {}, []
     for path, spec in config.ray_conf.search_space.items():
         if path.startswith(STORE_KEYS):
             ((kind, values),) = spec.items()
-            if kind not in ("choice", "grid"):
-                raise ConfigError(
-                    f"ray_conf.search_space.{path}: {kind} cannot be searched with a transformers tower, whose "
-                    "stores are computed once per value; use choice or grid"
-                )
-            searched[path] = values
+            if kind in ("choice", "grid"):
+                discrete[path] = values
+            else:
+                continuous.append(f"ray_conf.search_space.{path}: {kind}")
     variants = {json.dumps(raw, sort_keys=True): config}
-    for values in itertools.product(*searched.values()):
-        variant = validate(with_overrides(raw, dict(zip(searched, values))))
+    for values in itertools.product(*discrete.values()):
+        variant = validate(with_overrides(raw, dict(zip(discrete, values))))
         variants.setdefault(json.dumps(variant.model_dump(mode="json"), sort_keys=True), variant)
+    towers = [tower for v in variants.values() for tower in (v.model.audio_enc, v.model.text_enc)]
+    if continuous and any(map(is_pretrained, towers)):
+        raise ConfigError(
+            f"{continuous[0]} cannot be searched with a transformers tower, whose stores are computed once per "
+            "value; use choice or grid"
+        )
     return list(variants.values())
 
 

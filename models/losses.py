@@ -6,6 +6,8 @@ over. ``from_scores`` also accepts a ``(B, B)`` matrix of pair scores made any o
 (already scaled), such as those of a pooling head that sees both modalities. A learnable
 temperature lives with the model (``DualEncoderModel.logit_scale``) and is passed in as
 ``logit_scale``, replacing the loss's fixed ``1 / temperature``.
+
+``SequenceContrastiveLoss`` scores sequences instead, position by position: its pair scores are ``(L, N, N)``.
 """
 
 from __future__ import annotations
@@ -32,20 +34,25 @@ def similarity(audio_embeds: torch.Tensor, text_embeds: torch.Tensor, dist: Dist
     return audio_embeds @ text_embeds.T
 
 
-class ContrastiveLossConfig(StrictModel):
+class LossConfig(StrictModel):
     """What every loss's ``Config`` holds; each loss narrows ``name`` to its own class name."""
 
     name: str
     temperature: float = Field(0.07, gt=0)  # scores are divided by it: 0 would give inf logits
+
+
+class ContrastiveLossConfig(LossConfig):
+    """A loss on one embedding per side, scored by ``dist``."""
+
     dist: Distance = "dot_product"
 
 
 class ContrastiveLoss(nn.Module):
     """What the losses share: the config, pair scoring and the fixed or learnable temperature."""
 
-    Config: type[ContrastiveLossConfig]
+    Config: type[LossConfig]
 
-    def __init__(self, config: ContrastiveLossConfig | None = None, **fields: object) -> None:
+    def __init__(self, config: LossConfig | None = None, **fields: object) -> None:
         super().__init__()
         self.config = configured(self.Config, config, fields)
 
@@ -115,3 +122,55 @@ class ClipLoss(ContrastiveLoss):
     def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
         targets = torch.arange(scores.size(0), device=scores.device)  # (N,): the diagonal
         return (F.cross_entropy(scores, targets) + F.cross_entropy(scores.T, targets)) / 2
+
+
+@LOSSES.register
+class SequenceContrastiveLoss(ContrastiveLoss):
+    """Contrastive loss between sequences, position by position (audio2img: an audio tower's output sequence
+    trained towards the frozen CLIP text encoder's hidden states, a Stable Diffusion pipeline's ``prompt_embeds``).
+
+    For audio sequences ``A`` and caption target sequences ``T``, both ``(N, L, W)`` with row i of each a pair, at
+    every position ``l`` audio i's ``A[i, l]`` is scored by cosine against ``T[j, l]`` for every caption j of the
+    batch, divided by the temperature, and cross-entropy picks caption i; the loss is the mean over the ``L``
+    positions and the ``N`` rows. Audio -> text only (the targets are frozen), and, as in ``ClipLoss``, every
+    other row is a negative, another caption of the same clip too: ``audio_ids`` is accepted for the common
+    interface and not used.
+
+    Always cosine: the ``dist`` of the one-vector losses does not apply (a CLIP hidden state's norm varies wildly
+    between positions, the first one's most of all), so its ``Config`` has no ``dist`` key and a config that
+    sets one is refused by name. Positions where every caption has the same target (the first, the start token
+    that CLIP's causal attention lets see only itself) add a constant ``log N`` and no gradient.
+    """
+
+    class Config(LossConfig):
+        name: Literal["SequenceContrastiveLoss"] = "SequenceContrastiveLoss"
+        temperature: float = Field(0.15, gt=0)
+
+    def forward(
+        self,
+        audio_seqs: torch.Tensor,
+        text_seqs: torch.Tensor,
+        audio_ids: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``audio_seqs``, ``text_seqs``: ``(N, L, W)`` row-aligned pairs; ``audio_ids``: ``(N,)`` (unused);
+        ``logit_scale``: a learnable ``1 / temperature`` (scalar) that replaces the config's -> scalar loss."""
+        if audio_seqs.shape != text_seqs.shape:
+            raise ValueError(f"audio and text sequences differ in shape: {audio_seqs.shape} vs {text_seqs.shape}")
+        audio, text = F.normalize(audio_seqs, dim=-1), F.normalize(text_seqs, dim=-1)
+        scores = torch.einsum("ilw,jlw->lij", audio, text)  # (L, N, N): cos(A[i, l], T[j, l])
+        return self.from_pair_scores(scores, audio_ids, logit_scale)
+
+    def from_pair_scores(
+        self, scores: torch.Tensor, audio_ids: torch.Tensor | None = None, logit_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of ``(L, N, N)`` unscaled per-position cosines ``scores[l, i, j] = cos(A[i, l], T[j, l])``,
+        divided by the temperature or multiplied by a learnable ``logit_scale``."""
+        return super().from_pair_scores(scores, audio_ids, logit_scale)
+
+    def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of ``(L, N, N)`` scaled per-position scores (a ``(N, N)`` matrix is one position)."""
+        n = scores.size(-1)
+        logits = scores.reshape(-1, n)  # (L * N, N): one row per (position, audio), over the batch's captions
+        targets = torch.arange(n, device=scores.device).repeat(logits.size(0) // n)  # (L * N,): caption i of row i
+        return F.cross_entropy(logits, targets)  # the mean over positions and rows

@@ -35,9 +35,11 @@ def masked_mean(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class PoolingHead(nn.Module):
-    """What the heads share: ``text_aware`` heads are called with the captions too (``pair pooling``)."""
+    """What the heads share: ``text_aware`` heads are called with the captions too (``pair pooling``);
+    ``sequence`` heads give a sequence of vectors per clip ``(B, positions, D)`` instead of one ``(B, D)``."""
 
     text_aware: ClassVar[bool] = False
+    sequence: ClassVar[bool] = False
 
 
 @POOLING.register
@@ -175,3 +177,40 @@ class TextAwareAttentionPooling(PoolingHead):
         each pair holds its attention logits and weights and a few ``dim``-wide vectors (float32)."""
         per_pair = 4 * (2 * frames + 3 * self.w_o.out_features)
         return max(1, int(self.config.chunk_mb * 2**20 // per_pair))
+
+
+@POOLING.register
+class SequenceResampling(PoolingHead):
+    """Each clip's valid frames linearly resampled to a fixed number of positions ``(B, positions, D)``: an audio
+    sequence to set against a text encoder's (77 for CLIP, a Stable Diffusion pipeline's ``prompt_embeds``).
+
+    Exactly ``F.interpolate(frames[b, :n].T[None], size=positions, mode="linear", align_corners=False)`` clip by
+    clip, in one batched gather: output position k reads the clip at ``s = (k + 1/2) n / positions - 1/2``
+    (clamped at 0), mixing its frames ``floor(s)`` and ``floor(s) + 1`` (clamped to the last valid frame). Only
+    valid frames are ever read, so padding does not matter; a 1-frame clip repeats its frame.
+    """
+
+    sequence: ClassVar[bool] = True
+
+    class Config(StrictModel):
+        name: Literal["SequenceResampling"] = "SequenceResampling"
+        positions: PositiveInt = 77  # CLIP's text length
+
+    def __init__(self, config: Config | None = None, *, dim: int, **fields: object) -> None:
+        super().__init__()
+        self.config = configured(self.Config, config, fields)
+
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``frames`` ``(B, T, D)``, ``lengths`` ``(B,)`` valid frames -> ``(B, positions, D)``."""
+        n = lengths.to(frames.device).clamp(min=1)  # (B,)
+        # source coordinates as PyTorch computes them (float32 scale n / positions, align_corners=False)
+        scale = n.float() / self.config.positions  # (B,)
+        k = torch.arange(self.config.positions, device=frames.device, dtype=torch.float32)
+        source = (scale[:, None] * (k[None, :] + 0.5) - 0.5).clamp(min=0)  # (B, P)
+        left = source.long().clamp(max=n[:, None] - 1)  # (B, P): floor, since source >= 0
+        right = (left + 1).clamp(max=n[:, None] - 1)
+        weight = (source - left).to(frames.dtype)[..., None]  # (B, P, 1): the right frame's share
+        d = frames.size(-1)
+        left_frames = frames.gather(1, left[..., None].expand(-1, -1, d))  # (B, P, D)
+        right_frames = frames.gather(1, right[..., None].expand(-1, -1, d))
+        return (1 - weight) * left_frames + weight * right_frames

@@ -34,7 +34,8 @@ def _reason(err: BaseException) -> str:
 def load_pretrained(loader: Callable[..., M], model_id: str, key: str, **kwargs: Any) -> M:
     """``loader(name, revision=..., **kwargs)`` (a ``from_pretrained``) for ``model_id``: a local folder, else
     the Hugging Face cache, else a download after the hub confirmed the id. Anything that cannot be
-    loaded is one ``ConfigError`` naming ``key`` and the id."""
+    loaded is one ``ConfigError`` naming ``key`` and the id. A ``subfolder`` in ``kwargs`` (where the model sits
+    in the folder or repository) is passed on, and the cache is looked up there."""
     name, revision = parse_model_id(model_id)
     if Path(name).is_dir():
         try:
@@ -43,8 +44,14 @@ def load_pretrained(loader: Callable[..., M], model_id: str, key: str, **kwargs:
             raise ConfigError(f"{key}: cannot load {model_id!r} from its folder ({_reason(err)})") from None
     from huggingface_hub import model_info, try_to_load_from_cache
 
+    # A model's config.json, or a tokenizer's tokenizer_config.json, under the subfolder it is loaded from (a Stable
+    # Diffusion repository has neither at its root: text_encoder/config.json, tokenizer/tokenizer_config.json)
+    folder = f"{kwargs['subfolder']}/" if kwargs.get("subfolder") else ""
     try:  # in the cache? (a path that is no folder is no valid hub id either: that is asked below)
-        cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+        cached = any(
+            isinstance(try_to_load_from_cache(name, folder + marker, revision=revision), str)
+            for marker in ("config.json", "tokenizer_config.json")
+        )
     except Exception:
         cached = False
     if cached:

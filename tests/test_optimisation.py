@@ -88,6 +88,21 @@ def test_warmup_in_epochs_counts_optimizer_steps():
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 0.5 epoch x 8 steps = 4 warmup steps
 
 
+def test_salsa_schedule_warms_up_one_epoch_then_decays_until_epoch_15_of_20_and_stays():
+    optimizer = make_optimizer(tiny_model(), OptimizerConfig(lr=1.0))
+    config = CosineWithWarmupConfig(warmup_epochs=1, decay_epochs=15, min_lr_ratio=0.01)
+    schedule = make_lr_scheduler(optimizer, config, steps_per_epoch=2, num_epochs=20)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.scheduler.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])  # 1 epoch of warmup, then the peak
+    middle = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 14 / 28))  # step 16: halfway through steps 2..30
+    assert lrs[16] == pytest.approx(middle)
+    assert lrs[30:] == pytest.approx([0.01] * 10)  # epochs 15 to 20 at the floor
+
+
 def test_accumulation_steps_once_per_k_batches_and_clipping_bounds_the_update():
     model = tiny_model()
     optimizer = make_optimizer(model, OptimizerConfig(name="AdamW", lr=1.0))

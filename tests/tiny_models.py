@@ -4,6 +4,7 @@ real ``from_pretrained`` path, offline, in seconds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ from transformers import (
     ClapFeatureExtractor,
     ClapModel,
     ClapTextConfig,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
     RobertaConfig,
     RobertaModel,
     RobertaTokenizer,
@@ -161,4 +165,44 @@ def tiny_ast(folder: Path, num_mel_bins: int = 32, max_length: int = 128) -> Pat
             token.normal_(std=0.5)
     model.save_pretrained(folder)
     ASTFeatureExtractor(num_mel_bins=num_mel_bins, max_length=max_length).save_pretrained(folder)
+    return folder
+
+
+def tiny_sd_text_encoder(folder: Path, width: int = 16) -> Path:
+    """A folder laid out like a Stable Diffusion repository's text side, and nothing at its root but
+    ``model_index.json`` (no ``config.json``): ``text_encoder/``, a 1-layer ``CLIPTextModel`` ``width`` wide with
+    77 positions, and ``tokenizer/``, a ``CLIPTokenizer`` (padded with ``!``, id 0, as SD 2.1's is) built offline
+    from a ``vocab.json`` and ``merges.txt`` written here: the 256 byte-level characters, each also with CLIP's
+    end-of-word ``</w>``, so any caption tokenises, a few merges ("the", "and"), then the start and end tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    torch.manual_seed(0)
+    chars = sorted(ByteLevel.alphabet())  # "!" first, as in CLIP's vocabulary
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer_dir = folder / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(
+        vocab=str(tokenizer_dir / "vocab.json"),
+        merges=str(tokenizer_dir / "merges.txt"),
+        pad_token="!",
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(tokenizer_dir)
+    config = CLIPTextConfig(
+        vocab_size=len(tokens),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "CLIPTokenizer"]}))
     return folder

@@ -10,6 +10,8 @@ choice, and ``conf.yaml`` is where it is made.
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
@@ -113,6 +115,8 @@ class WarmupScheduleConfig(StrictModel):
     warmup_steps: NonNegativeInt = 0
     warmup_epochs: NonNegativeFloat | None = None
     min_lr_ratio: float = Field(0.0, ge=0, lt=1)
+    # the decay ends here and the lr stays at min_lr_ratio x lr after it (salsa: epoch 15 of 20); None: the last step
+    decay_epochs: PositiveFloat | None = None
 
 
 class CosineWithWarmupConfig(WarmupScheduleConfig):
@@ -263,6 +267,10 @@ class Config(StrictModel):
     lr_scheduler: LRSchedulerConfig = ReduceLROnPlateauConfig()
     param_conf: ParamConfig
     ray_conf: RayConfig
+    # named sub-configs that a section takes by name, on the command line or in a search space: with
+    # {cnn14: {name: CNN14Encoder, ...}, ast: {name: ASTEncoder, ...}}, model.audio_enc: {grid: [cnn14, ast]}
+    # searches across architectures, and results.csv names each trial's by its preset
+    presets: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
     def _schedulers_fit_the_epochs(self) -> Config:
@@ -341,16 +349,36 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+MAX_COMBINATIONS = 4096  # beyond this many, each searched key is checked alone (with the others as in the file)
+
+
 def validate_search_space(raw: dict[str, Any], search_space: SearchSpace, where: str = "ray_conf.search_space") -> None:
-    """Check that every searched key exists and accepts the values its spec can produce."""
+    """Check that every searched key exists and accepts the values its spec can produce, and that every
+    combination of them (each choice, each bound of a range) is a valid config: a CNN with TAP, a
+    ``transformers`` tower with mean pooling, ... An invalid combination fails naming its keys and values."""
+    samples = {}
     for path, spec in search_space.items():
         if path.startswith("ray_conf."):
             raise ConfigError(f"{where}.{path}: the ray_conf section cannot be searched")
-        for value in search_space_samples(path, spec, where):
-            try:
-                validate(with_overrides(raw, {path: value}))
-            except ConfigError as err:
-                raise ConfigError(f"{where}.{path}={value!r} gives an {err}") from None
+        samples[path] = search_space_samples(path, spec, where)
+        for value in samples[path]:
+            _check_values(raw, {path: value}, where)
+    if len(samples) > 1 and math.prod(map(len, samples.values())) <= MAX_COMBINATIONS:
+        for values in itertools.product(*samples.values()):
+            _check_values(raw, dict(zip(samples, values)), where)
+
+
+def _check_values(raw: dict[str, Any], values: dict[str, Any], where: str) -> None:
+    try:
+        validate(with_overrides(raw, values))
+    except ConfigError as err:
+        chosen = " with ".join(f"{path}={_shown(value)}" for path, value in values.items())
+        raise ConfigError(f"{where}{'.' if len(values) == 1 else ': '}{chosen} gives an {err}") from None
+
+
+def _shown(value: Any) -> str:
+    """A searched value as a user recognises it: a preset's name as written, an inline sub-config by its name."""
+    return repr(value.get("name", value)) if isinstance(value, dict) else repr(value)
 
 
 def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:

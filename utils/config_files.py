@@ -107,9 +107,14 @@ def key_path(loc: tuple[str | int, ...], raw: Any) -> str:
 
 
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``raw`` with each dotted-path override applied."""
+    """A deep copy of ``raw`` with each dotted-path override applied. A string naming one of ``raw``'s
+    ``presets`` given to a section (a key whose value is a mapping, or unset) becomes that preset's sub-config:
+    ``model.audio_enc=ast``, or ``{model.audio_enc: {grid: [cnn14, ast]}}`` in a search space."""
     out = copy.deepcopy(raw)
+    presets = raw.get("presets") or {}
     for dotted, value in overrides.items():
+        if isinstance(value, str) and value in presets and isinstance(get_path(out, dotted), dict | None):
+            value = copy.deepcopy(presets[value])
         set_path(out, dotted, value)
     return out
 

@@ -19,6 +19,7 @@ import torch
 from models.hf_audio import ASTEncoder, ClapAudioEncoder, PretrainedAudioConfig, Wav2Vec2BertEncoder, WhisperEncoder
 from models.hf_text import PretrainedTextConfig
 from models.pretrained import load_pretrained
+from models.text_encoders import TEXT_ENCODERS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -173,23 +174,29 @@ def make_extractor(config: PretrainedAudioConfig) -> WhisperInputs | ClapInputs 
 
 
 class CaptionTokens:
-    """The text tower's own tokenizer: captions -> ``input_ids``, ``attention_mask`` ``(B, L)``, cut at
-    ``max_length`` tokens and padded to the longest caption of the batch."""
+    """The text tower's own tokenizer (from the config's ``tokenizer_subfolder`` of the model id, where it has
+    one): captions -> ``input_ids``, ``attention_mask`` ``(B, L)``, cut at ``max_length`` tokens and padded to the
+    longest caption of the batch, or to ``max_length`` for a tower that ``pads_to_max_length`` (a Stable Diffusion
+    text encoder, whose every position is an output)."""
 
     def __init__(self, config: PretrainedTextConfig) -> None:
         from transformers import AutoTokenizer
 
+        subfolder = getattr(config, "tokenizer_subfolder", None)
         self.tokenizer: PreTrainedTokenizerBase = load_pretrained(
             AutoTokenizer.from_pretrained,
             config.model_id,
             "model.text_enc.model_id",
             trust_remote_code=config.trust_remote_code,
+            **({"subfolder": subfolder} if subfolder else {}),
         )
         self.tokenizer.padding_side = "right"  # the towers pool over a prefix of valid tokens
         self.max_length = min(config.max_length, self.tokenizer.model_max_length)  # what the model can take
+        pads_to_max_length = getattr(TEXT_ENCODERS.get(config.name), "pads_to_max_length", False)
+        self.padding: bool | str = "max_length" if pads_to_max_length else True
 
     def __call__(self, captions: list[str]) -> dict[str, Any]:
         tokens = self.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            captions, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}

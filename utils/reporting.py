@@ -25,6 +25,12 @@ def as_epoch(value: float) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+def describe(value: Any) -> Any:
+    """A trial's value as a table cell: an inline sub-config (a searched architecture) by its class ``name``;
+    presets are already their names."""
+    return value.get("name", str(value)) if isinstance(value, dict) else value
+
+
 def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.DataFrame:
     """One row per trial: its parameters, status, epochs run and all metrics at its best epoch, best first."""
     rows = []
@@ -32,7 +38,7 @@ def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.Data
         row: dict[str, Any] = {
             "trial_id": trial.trial_id,
             "status": trial.status,
-            **{f"param/{k}": v for k, v in trial.params.items()},
+            **{f"param/{k}": describe(v) for k, v in trial.params.items()},
         }
         if metric in trial.history and trial.history[metric].notna().any():
             best = trial.history.loc[
@@ -59,7 +65,7 @@ def plot_metric(trials: list[TrialHistory], metric: str, path: Path) -> Path:
     for trial in trials:
         if metric in trial.history:
             label = ", ".join(
-                f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={describe(v)}"
                 for k, v in trial.params.items()
             )
             ax.plot(

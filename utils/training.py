@@ -77,6 +77,8 @@ def make_lr_scheduler(
         )
         return Schedule(plateau, per_step=False)
     total = steps_per_epoch * num_epochs
+    if config.decay_epochs is not None:
+        total = min(total, round(config.decay_epochs * steps_per_epoch))
     warmup = round(config.warmup_epochs * steps_per_epoch) if config.warmup_epochs is not None else config.warmup_steps
     factor = lambda step: warmup_then_decay(step, min(warmup, total), total, config.name, config.min_lr_ratio)
     return Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
