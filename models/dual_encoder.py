@@ -71,6 +71,9 @@ class DualEncoderModel(nn.Module):
         self.text_encoder = text_encoder
         pooling = pooling or POOLING.get(audio_encoder.default_pooling).Config()
         self.text_aware = POOLING.get(pooling.name).text_aware
+        # a sequence head (audio2img) gives each clip a sequence (B, L, W) to align position by position with a
+        # sequence text tower's (CLIPTextEncoder's hidden states): both left unnormalised, as a pipeline takes them
+        self.sequence = POOLING.get(pooling.name).sequence
         # a text-aware head meets the captions in the shared space; the others pool the encoder's own frames
         self.pooling = POOLING.build(pooling, dim=embed_dim if self.text_aware else audio_encoder.frame_dim)
         projection = projection or LinearProjection.Config()
@@ -114,34 +117,46 @@ class DualEncoderModel(nn.Module):
         frames, lengths = self.audio_encoder(*inputs, **named)  # (B, T', frame_dim), (B,)
         if self.text_aware:
             return self.audio_proj(self.audio_encoder.embed(frames)), lengths
-        pooled = self.audio_proj(self.audio_encoder.embed(self.pooling(frames, lengths)))  # (B, embed_dim)
+        pooled = self.audio_proj(self.audio_encoder.embed(self.pooling(frames, lengths)))  # (B, [L,] embed_dim)
+        if self.sequence:
+            return pooled, torch.full_like(lengths, pooled.size(1))
         return F.normalize(pooled, dim=-1)[:, None], torch.ones_like(lengths)
 
     def encode_audio(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
-        """The audio tower's inputs (see ``audio_frames``) -> ``(B, embed_dim)`` unit vectors."""
+        """The audio tower's inputs (see ``audio_frames``) -> ``(B, embed_dim)`` unit vectors, or with a sequence
+        head the sequences ``(B, L, embed_dim)`` (audio2img: a Stable Diffusion pipeline's ``prompt_embeds``)."""
         if self.text_aware:
             raise TypeError(
                 f"{type(self.pooling).__name__} pools each clip per caption, so a clip has no embedding of its own: "
                 "score pairs with audio_frames and pair_scores (or score_all)"
             )
-        return self.audio_frames(*inputs, **named)[0][:, 0]
+        audio = self.audio_frames(*inputs, **named)[0]
+        return audio if self.sequence else audio[:, 0]
 
     def encode_text(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         """The text tower's inputs -> ``(B, embed_dim)`` unit vectors: ``(B, D)`` sentence embeddings (or a
-        frozen tower's cached vectors), or tokens ``input_ids``/``attention_mask`` ``(B, L)``."""
-        return F.normalize(self.text_proj(self.text_encoder(*inputs, **named)), dim=-1)
+        frozen tower's cached vectors), or tokens ``input_ids``/``attention_mask`` ``(B, L)``. A sequence tower's
+        ``(B, L, embed_dim)`` hidden states are left unnormalised: they are the targets as a pipeline takes them."""
+        text = self.text_proj(self.text_encoder(*inputs, **named))
+        return text if getattr(self.text_encoder, "sequence", False) else F.normalize(text, dim=-1)
 
     def pair_scores(self, audio: torch.Tensor, lengths: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Cosine scores ``(B_a, B_t)`` of every pair of ``audio_frames`` output ``(B_a, T, E)``, ``(B_a,)`` and
         ``encode_text`` output ``(B_t, E)``: through the text-aware head, the cosine of each pair's pooled clip
-        with its caption."""
+        with its caption. With a sequence head: per-position cosines ``(L, B_a, B_t)`` of ``(B_a, L, E)`` and
+        ``(B_t, L, E)`` sequences (``SequenceContrastiveLoss`` takes them)."""
+        if self.sequence:
+            return torch.einsum("alw,tlw->lat", F.normalize(audio, dim=-1), F.normalize(text, dim=-1))
         if not self.text_aware:
             return audio[:, 0] @ text.T
         return caption_cosines(self.pooling(audio, lengths, text), text)
 
     def score_all(self, audio: torch.Tensor, lengths: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``pair_scores`` of a whole split ``(n_audio, n_captions)``, in chunks of pairs that keep a text-aware
-        head's intermediates within its ``chunk_mb`` (a Python loop over chunks, never over pairs)."""
+        head's intermediates within its ``chunk_mb`` (a Python loop over chunks, never over pairs). Sequences are
+        retrieved by their mean over positions."""
+        if self.sequence:
+            return F.normalize(audio.mean(1), dim=-1) @ F.normalize(text.mean(1), dim=-1).T
         if not self.text_aware:
             return self.pair_scores(audio, lengths, text)
         n_audio, n_text = len(audio), len(text)

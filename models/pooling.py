@@ -203,14 +203,17 @@ class SequenceResampling(PoolingHead):
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``frames`` ``(B, T, D)``, ``lengths`` ``(B,)`` valid frames -> ``(B, positions, D)``."""
         n = lengths.to(frames.device).clamp(min=1)  # (B,)
-        # source coordinates as PyTorch computes them (float32 scale n / positions, align_corners=False)
-        scale = n.float() / self.config.positions  # (B,)
-        k = torch.arange(self.config.positions, device=frames.device, dtype=torch.float32)
+        # source coordinates computed as PyTorch's kernel does: scale = n / positions, in float32 (its opmath type)
+        # for every floating dtype but float64, whose coordinates it computes in float64
+        coords = torch.float64 if frames.dtype == torch.float64 else torch.float32
+        scale = n.to(coords) / self.config.positions  # (B,)
+        k = torch.arange(self.config.positions, device=frames.device, dtype=coords)
         source = (scale[:, None] * (k[None, :] + 0.5) - 0.5).clamp(min=0)  # (B, P)
-        left = source.long().clamp(max=n[:, None] - 1)  # (B, P): floor, since source >= 0
+        left = source.long().clamp(max=n[:, None] - 1)  # (B, P): the floor, as source >= 0
         right = (left + 1).clamp(max=n[:, None] - 1)
         weight = (source - left).to(frames.dtype)[..., None]  # (B, P, 1): the right frame's share
         d = frames.size(-1)
         left_frames = frames.gather(1, left[..., None].expand(-1, -1, d))  # (B, P, D)
         right_frames = frames.gather(1, right[..., None].expand(-1, -1, d))
-        return (1 - weight) * left_frames + weight * right_frames
+        # lerp is exact where both frames are one (a 1-frame clip, the last position): the frame itself
+        return torch.lerp(left_frames, right_frames, weight)

@@ -295,18 +295,20 @@ def write_text_store(
     tokens = CaptionTokens(tower_config)
     table = read_table(text_table(config.data.dataset_dir, split), TEXT_COLUMNS)
     embedded = [str(c) for c in table[config.text_embeddings.caption_column]]
-    size = len(embedded) * tower.width * 4 / 2**20
+    size = len(embedded) * tower.width * (2 * tower.config.max_length if tower.sequence else 4) / 2**20
     log.info("%s: writing about %.1f MB (%d captions x %d) to %s", split, size, len(embedded), tower.width, path)
     vectors = []
     for start in tqdm(range(0, len(embedded), batch_size), desc=f"{tower_config.name} {split}", unit="batch"):
         batch = {k: v.to(device) for k, v in tokens(embedded[start : start + batch_size]).items()}
         vectors.append(tower.pool(**batch).float().cpu().numpy())
-    vectors = np.concatenate(vectors)
+    vectors = np.concatenate(vectors)  # (n, D), or a sequence tower's (n, L, D)
     if not np.isfinite(vectors).all():
         raise DatasetError(f"{tower_config.model_id} gives NaN/inf vectors for captions of {split}; nothing written")
+    # one row per caption, or a sequence's L rows (float16: a 77 x 1024 target is 154 KB, read per caption)
+    items, dtype = (list(vectors), np.float16) if vectors.ndim == 3 else (list(vectors[:, None, :]), np.float32)
     with atomic_h5(path) as f:
-        write_store(f, settings, cids, captions, cids, list(vectors[:, None, :]), {}, np.float32)
-    log.info("%s: %d captions x %d dims -> %s", split, *vectors.shape, path)
+        write_store(f, settings, cids, captions, cids, items, {}, dtype)
+    log.info("%s: %d captions x %s -> %s", split, len(vectors), " x ".join(map(str, vectors.shape[1:])), path)
     return path
 
 

@@ -130,7 +130,13 @@ def test_a_tap_model_trains_on_its_batch_pair_scores(loss):
 
 
 def test_pooling_heads_are_one_registry_checked_by_the_config():
-    assert POOLING.names() == ["AttentionPooling", "MeanMaxPooling", "MeanPooling", "TextAwareAttentionPooling"]
+    assert POOLING.names() == [
+        "AttentionPooling",
+        "MeanMaxPooling",
+        "MeanPooling",
+        "SequenceResampling",
+        "TextAwareAttentionPooling",
+    ]
     with pytest.raises(KeyError, match="Did you mean 'MeanPooling'"):
         POOLING.get("MeanPoolng")
     with pytest.raises(ValueError, match="attn_dropout"):

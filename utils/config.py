@@ -303,6 +303,29 @@ class Config(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _sequences_align_with_sequences(self) -> Config:
+        # audio2img: a sequence head's (B, L, W) output is trained position by position against a sequence text
+        # tower's hidden states; a vector loss or a vector text tower cannot take it, nor the reverse
+        head = self.model.pooling.name if self.model.pooling is not None else None
+        parts = {
+            "model.pooling": head == "SequenceResampling",
+            "model.text_enc": self.model.text_enc.name == "CLIPTextEncoder",
+            "criterion": self.criterion.name == "SequenceContrastiveLoss",
+        }
+        if len(set(parts.values())) > 1:
+            have = ", ".join(f"{key} {'is' if seq else 'is not'}" for key, seq in parts.items())
+            raise ValueError(
+                "sequence alignment needs all three of model.pooling SequenceResampling, model.text_enc "
+                f"CLIPTextEncoder and criterion SequenceContrastiveLoss, or none: {have}"
+            )
+        if head == "SequenceResampling" and self.model.pooling.positions != self.model.text_enc.max_length:
+            raise ValueError(
+                f"model.pooling.positions {self.model.pooling.positions} must equal model.text_enc.max_length "
+                f"{self.model.text_enc.max_length}: each audio position is scored against the same text position"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> Config:
         workers = self.ray_conf.workers_per_trial
         if self.param_conf.batch_size % workers or self.param_conf.batch_size // workers < 1:

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from models.text_encoders import TEXT_ENCODERS
 from utils.audio import CropConfig, clip_views
 from utils.config import Config
 from utils.extractors import CaptionTokens, make_extractor
@@ -141,7 +142,19 @@ class CaptionTokenSource:
         return self.tokens(items)
 
 
-TextSource = CaptionVectors | CaptionTokenSource
+class CaptionSequences(CaptionVectors):
+    """A frozen sequence tower's stored hidden states (``CLIPTextEncoder``: ``(L, W)`` per caption, batched to
+    ``(B, L, W)``), read per caption: a split's targets can be gigabytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = open_store(path)
+        super().__init__(self.store.ids, np.empty(0))
+
+    def get(self, cid: int, caption: str) -> np.ndarray:
+        return np.asarray(self.store.rows(self.row_of[cid]), dtype=np.float32)
+
+
+TextSource = CaptionVectors | CaptionTokenSource | CaptionSequences
 
 
 def text_source(config: Config, split: str) -> TextSource:
@@ -153,6 +166,8 @@ def text_source(config: Config, split: str) -> TextSource:
     if store is None:
         cids, vectors, _ = read_text_embeds(text_embeds_file(config.data.dataset_dir, split))
         return CaptionVectors(cids, vectors)
+    if TEXT_ENCODERS.get(tower.name).sequence:  # (L, W) per caption
+        return CaptionSequences(store[0])
     rows = open_store(store[0])
     return CaptionVectors(rows.ids, rows.read_all().astype(np.float32))  # one row per caption, in item order
 

@@ -180,15 +180,25 @@ class CaptionTokens:
     text encoder, whose every position is an output)."""
 
     def __init__(self, config: PretrainedTextConfig) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        subfolder = getattr(config, "tokenizer_subfolder", None)
+        key, trust_remote_code = "model.text_enc.model_id", config.trust_remote_code
+        extra: dict[str, Any] = {}
+        if subfolder := getattr(config, "tokenizer_subfolder", None):
+            # AutoTokenizer first looks for a config.json beside the tokenizer, which a pipeline's tokenizer folder
+            # lacks; offline, in a cache that snapshot_download filled (diffusers' download), transformers cannot
+            # tell "not on the hub" from "not downloaded" and fails. So it gets the model's config, from its folder.
+            model_folder = getattr(config, "subfolder", None)
+            model_config = load_pretrained(
+                AutoConfig.from_pretrained,
+                config.model_id,
+                key,
+                trust_remote_code=trust_remote_code,
+                **({"subfolder": model_folder} if model_folder else {}),
+            )
+            extra = {"subfolder": subfolder, "config": model_config}
         self.tokenizer: PreTrainedTokenizerBase = load_pretrained(
-            AutoTokenizer.from_pretrained,
-            config.model_id,
-            "model.text_enc.model_id",
-            trust_remote_code=config.trust_remote_code,
-            **({"subfolder": subfolder} if subfolder else {}),
+            AutoTokenizer.from_pretrained, config.model_id, key, trust_remote_code=trust_remote_code, **extra
         )
         self.tokenizer.padding_side = "right"  # the towers pool over a prefix of valid tokens
         self.max_length = min(config.max_length, self.tokenizer.model_max_length)  # what the model can take

@@ -47,6 +47,11 @@ class AudioEmbeddings:
     def of_views(model: DualEncoderModel, views: list[torch.Tensor], clip: list[int], n: int) -> AudioEmbeddings:
         """Each clip from its views' valid frames ``(T_v, E)`` (``clip[v]``: view v's clip, of ``n``): the normalised
         mean of its views' vectors, or for a text-aware head all its views' frames in order."""
+        if model.sequence:  # each clip the mean of its views' sequences (L, E)
+            seqs = torch.stack(views)  # (n_views, L, E)
+            counts = torch.zeros(n).index_add_(0, torch.tensor(clip), torch.ones(len(clip)))
+            seqs = torch.zeros(n, *seqs.shape[1:]).index_add_(0, torch.tensor(clip), seqs) / counts[:, None, None]
+            return AudioEmbeddings(seqs, torch.full((n,), seqs.size(1)))
         if not model.text_aware:
             vectors = torch.cat(views)  # (n_views, E): one frame per view
             if len(views) > n:

@@ -54,3 +54,17 @@ def flatten_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[s
     return {
         f"{prefix}/{direction}_{name}": value for direction, values in metrics.items() for name, value in values.items()
     }
+
+
+def sequence_metrics(audio: torch.Tensor, text: torch.Tensor, caption_audio: torch.Tensor) -> dict[str, float]:
+    """How close each caption's target sequence is to its clip's audio sequence (audio2img), averaged over captions:
+    ``audio`` ``(n_audio, L, W)``, ``text`` ``(n_captions, L, W)``, ``caption_audio`` ``(n_captions,)`` each caption's
+    clip. ``seq_cosine``: the mean over positions of the two vectors' cosine; ``seq_mse``: the mean squared
+    difference of all ``L * W`` values; ``seq_euclidean``: the mean over positions of the two vectors' distance."""
+    paired = audio[caption_audio].float()  # (n_captions, L, W)
+    text = text.float()
+    return {
+        "seq_cosine": torch.nn.functional.cosine_similarity(paired, text, dim=-1).mean().item(),
+        "seq_mse": (paired - text).pow(2).mean().item(),
+        "seq_euclidean": (paired - text).norm(dim=-1).mean().item(),
+    }

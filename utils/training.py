@@ -21,7 +21,7 @@ from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
 from utils.data import CaptionPairs, pair_loader, to_device
 from utils.distributed import gather_ids, gather_pairs, world
 from utils.inference import encode_split
-from utils.metrics import flatten_metrics, retrieval_metrics
+from utils.metrics import flatten_metrics, retrieval_metrics, sequence_metrics
 from utils.runtime import resolve_device, seed_everything
 from utils.tower_stores import check_inputs
 
@@ -241,6 +241,10 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         if model.scale() is not None:
             metrics["train/temperature"] = 1.0 / model.scale().item()
         metrics |= flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val")
+        if model.sequence:  # audio2img: how close the audio sequences come to their captions' targets
+            metrics |= {
+                f"val/{k}": v for k, v in sequence_metrics(val.audio.frames, val.text, val.caption_audio).items()
+            }
         if epoch_end and not schedule.per_step:
             schedule.scheduler.step(val_loss)
         log.info(
