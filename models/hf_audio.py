@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -114,6 +115,12 @@ class PretrainedTower(nn.Module):
     def load_backbone(cls, config: PretrainedTowerConfig) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def pretrained(cls, loader: Callable[..., nn.Module], config: PretrainedTowerConfig, **kwargs: Any) -> nn.Module:
+        """``loader`` (a ``from_pretrained``) on the config's model id, with its ``trust_remote_code``; a model that
+        cannot be loaded is one ``ConfigError`` naming the tower's key."""
+        return load_pretrained(loader, config.model_id, cls.key, trust_remote_code=config.trust_remote_code, **kwargs)
+
     def train(self, mode: bool = True) -> PretrainedTower:
         super().train(mode)
         if self.backbone is not None and not self.config.trainable:
@@ -185,10 +192,7 @@ class WhisperEncoder(PretrainedAudioTower):
     def load_backbone(cls, config: Config) -> nn.Module:
         from transformers import WhisperModel
 
-        model = load_pretrained(
-            WhisperModel.from_pretrained, config.model_id, cls.key, trust_remote_code=config.trust_remote_code
-        )
-        return model.get_encoder()
+        return cls.pretrained(WhisperModel.from_pretrained, config).get_encoder()
 
     def frames(self, input_features: torch.Tensor, n_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_features`` ``(B, n_mels, frames)``; ``n_frames`` ``(B,)`` log-mel frames of real audio."""
@@ -217,12 +221,7 @@ class ClapAudioEncoder(PretrainedAudioTower):
     def load_backbone(cls, config: Config) -> nn.Module:
         from transformers import ClapAudioModelWithProjection
 
-        model = load_pretrained(
-            ClapAudioModelWithProjection.from_pretrained,
-            config.model_id,
-            cls.key,
-            trust_remote_code=config.trust_remote_code,
-        )
+        model = cls.pretrained(ClapAudioModelWithProjection.from_pretrained, config)
         if bool(model.config.enable_fusion) != config.fusion:
             raise ConfigError(
                 f"model.audio_enc.fusion is {config.fusion} but {config.model_id!r} was trained "
@@ -271,13 +270,7 @@ class Wav2Vec2BertEncoder(PretrainedAudioTower):
 
         names = ("add_adapter", "adapter_kernel_size", "adapter_stride", "num_adapter_layers")
         overrides = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
-        return load_pretrained(
-            Wav2Vec2BertModel.from_pretrained,
-            config.model_id,
-            cls.key,
-            trust_remote_code=config.trust_remote_code,
-            **overrides,
-        )
+        return cls.pretrained(Wav2Vec2BertModel.from_pretrained, config, **overrides)
 
     def frames(self, input_features: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.config.layer
@@ -317,9 +310,7 @@ class ASTEncoder(PretrainedAudioTower):
         from transformers import ASTModel
 
         # an ASTForAudioClassification checkpoint (the released ones) loads its base model; the classifier is dropped
-        return load_pretrained(
-            ASTModel.from_pretrained, config.model_id, cls.key, trust_remote_code=config.trust_remote_code
-        )
+        return cls.pretrained(ASTModel.from_pretrained, config)
 
     def frames(
         self, input_values: torch.Tensor, windows: torch.Tensor, n_frames: torch.Tensor

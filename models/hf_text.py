@@ -19,7 +19,6 @@ from torch import nn
 
 from models.hf_audio import PretrainedTower, PretrainedTowerConfig
 from models.pooling import masked_mean
-from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
 
 
@@ -76,9 +75,7 @@ class AutoTextEncoder(PretrainedTextTower):
     def load_backbone(cls, config: Config) -> nn.Module:
         from transformers import AutoModel
 
-        return load_pretrained(
-            AutoModel.from_pretrained, config.model_id, cls.key, trust_remote_code=config.trust_remote_code
-        )
+        return cls.pretrained(AutoModel.from_pretrained, config)
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
@@ -103,13 +100,7 @@ class ClapTextEncoder(PretrainedTextTower):
     def load_backbone(cls, config: Config) -> nn.Module:
         from transformers import ClapTextModelWithProjection
 
-        model = load_pretrained(
-            ClapTextModelWithProjection.from_pretrained,
-            config.model_id,
-            cls.key,
-            trust_remote_code=config.trust_remote_code,
-        )
-        return model.text_model
+        return cls.pretrained(ClapTextModelWithProjection.from_pretrained, config).text_model
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).pooler_output
@@ -145,12 +136,8 @@ class CLIPTextEncoder(PretrainedTextTower):
     def load_backbone(cls, config: Config) -> nn.Module:
         from transformers import CLIPTextModel
 
-        return load_pretrained(
-            CLIPTextModel.from_pretrained,
-            config.model_id,
-            cls.key,
-            trust_remote_code=config.trust_remote_code,
-            **({"subfolder": config.subfolder} if config.subfolder else {}),
+        return cls.pretrained(
+            CLIPTextModel.from_pretrained, config, **({"subfolder": config.subfolder} if config.subfolder else {})
         )
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

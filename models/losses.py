@@ -134,7 +134,8 @@ class SequenceContrastiveLoss(ContrastiveLoss):
     batch, divided by the temperature, and cross-entropy picks caption i; the loss is the mean over the ``L``
     positions and the ``N`` rows. Audio -> text only (the targets are frozen), and, as in ``ClipLoss``, every
     other row is a negative, another caption of the same clip too: ``audio_ids`` is accepted for the common
-    interface and not used.
+    interface and not used. ``from_pair_scores`` takes the ``(L, N, N)`` unscaled per-position cosines
+    ``scores[l, i, j] = cos(A[i, l], T[j, l])`` (``DualEncoderModel.forward`` gives them for a sequence head).
 
     Always cosine: the ``dist`` of the one-vector losses does not apply (a CLIP hidden state's norm varies wildly
     between positions, the first one's most of all), so its ``Config`` has no ``dist`` key and a config that
@@ -160,13 +161,6 @@ class SequenceContrastiveLoss(ContrastiveLoss):
         audio, text = F.normalize(audio_seqs, dim=-1), F.normalize(text_seqs, dim=-1)
         scores = torch.einsum("ilw,jlw->lij", audio, text)  # (L, N, N): cos(A[i, l], T[j, l])
         return self.from_pair_scores(scores, audio_ids, logit_scale)
-
-    def from_pair_scores(
-        self, scores: torch.Tensor, audio_ids: torch.Tensor | None = None, logit_scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The loss of ``(L, N, N)`` unscaled per-position cosines ``scores[l, i, j] = cos(A[i, l], T[j, l])``,
-        divided by the temperature or multiplied by a learnable ``logit_scale``."""
-        return super().from_pair_scores(scores, audio_ids, logit_scale)
 
     def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of ``(L, N, N)`` scaled per-position scores (a ``(N, N)`` matrix is one position)."""

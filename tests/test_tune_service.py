@@ -107,7 +107,9 @@ def test_interrupted_experiment_is_completed_by_resume(tiny_dataset, tmp_path):
         storage,
         "param_conf.num_epochs=2",
         "ray_conf.max_concurrent_trials=1",
-        "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.001]}}",
+        # three trials one after another: two still to run when the first is seen finished, so the Ctrl-C below
+        # lands mid-search even when a loaded machine notices the first one late
+        "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.001, 0.0003]}}",
     )
     proc = run_main(*args)
     deadline = time.time() + 240
@@ -130,8 +132,8 @@ def test_interrupted_experiment_is_completed_by_resume(tiny_dataset, tmp_path):
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert first.read_text() == finished  # the finished trial was kept, not rerun
-    assert [epochs(t) for t in trial_folders(experiment)] == [[1, 2], [1, 2]]
-    assert len(pd.read_csv(experiment / "results.csv")) == 2 and (experiment / "best" / "model.safetensors").is_file()
+    assert [epochs(t) for t in trial_folders(experiment)] == [[1, 2]] * 3
+    assert len(pd.read_csv(experiment / "results.csv")) == 3 and (experiment / "best" / "model.safetensors").is_file()
 
 
 def free_port() -> int:

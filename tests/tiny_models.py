@@ -31,6 +31,9 @@ from transformers import (
     WhisperModel,
 )
 
+# the size of every tiny transformer here: one layer, two heads, 32 wide
+TINY_TRANSFORMER = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
 
 def byte_tokenizer() -> RobertaTokenizer:
     """A RoBERTa tokenizer over the 256 byte-level characters (no merges): any text, 261 ids, offline."""
@@ -73,10 +76,7 @@ def tiny_roberta(folder: Path) -> Path:
     torch.manual_seed(0)
     config = RobertaConfig(
         vocab_size=261,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_TRANSFORMER,
         max_position_embeddings=80,
         pad_token_id=1,
         bos_token_id=0,
@@ -129,10 +129,7 @@ def tiny_w2v_bert(folder: Path, **adapter: object) -> Path:
     """A 1-layer ``Wav2Vec2BertModel`` (hidden 32) and its 16 kHz ``SeamlessM4TFeatureExtractor``."""
     torch.manual_seed(0)
     config = Wav2Vec2BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_TRANSFORMER,
         feature_projection_input_dim=160,
         conv_depthwise_kernel_size=3,
         layerdrop=0.0,
@@ -151,10 +148,7 @@ def tiny_ast(folder: Path, num_mel_bins: int = 32, max_length: int = 128) -> Pat
     columns) make the demo clips need several windows."""
     torch.manual_seed(0)
     config = ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_TRANSFORMER,
         num_mel_bins=num_mel_bins,
         max_length=max_length,
     )
