@@ -68,6 +68,7 @@ from ray.tune.stopper import TrialPlateauStopper
 from transformers import AutoConfig
 
 from models.pretrained import load_pretrained
+from models.text_encoders import TEXT_ENCODERS
 from preprocessing.tower_stores import finish_audio_store, plan_audio_store, write_audio_parts, write_text_store
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
@@ -223,7 +224,13 @@ def check_model_ids(config: Config) -> None:
     if is_pretrained(audio):
         make_extractor(audio)
     if is_pretrained(text):
-        CaptionTokens(text)
+        tokens = CaptionTokens(text)
+        if TEXT_ENCODERS.get(text.name).pads_to_max_length and tokens.max_length != text.max_length:
+            # a sequence tower's targets have max_length positions: the tokenizer must give that many
+            raise ConfigError(
+                f"model.text_enc.max_length {text.max_length} is more than the {tokens.max_length} tokens that "
+                f"{text.model_id!r}'s tokenizer takes"
+            )
     if config.model.init_from is not None:
         load_pretrained(AutoConfig.from_pretrained, config.model.init_from, "model.init_from")
 
@@ -248,7 +255,8 @@ def store_variants(config: Config) -> list[Config]:
     raw = config.model_dump(mode="json")
     discrete, continuous = {}, []
     for path, spec in config.ray_conf.search_space.items():
-        if path.startswith(STORE_KEYS):
+        # the pooling head changes a store by its name only (mean pooling or not); the other keys by any value
+        if path.startswith(STORE_KEYS) and not (path.startswith("model.pooling.") and path != "model.pooling.name"):
             ((kind, values),) = spec.items()
             if kind in ("choice", "grid"):
                 discrete[path] = values

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from models.pooling import valid_frames
 from models.registry import Registry, StrictModel, configured
 from models.weights import load_weights, read_safetensors
 from utils.errors import CheckpointError
@@ -47,7 +48,7 @@ class ConvBlock(nn.Module):
 
 def time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     """``(B,)`` valid lengths -> ``(B, 1, steps, 1)`` float mask of valid time steps."""
-    return (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]).float()[:, None, :, None]
+    return valid_frames(lengths, steps).float()[:, None, :, None]
 
 
 class ConvStackEncoder(nn.Module):

@@ -160,9 +160,7 @@ class DualEncoderModel(nn.Module):
         if not self.text_aware:
             return self.pair_scores(audio, lengths, text)
         n_audio, n_text = len(audio), len(text)
-        pairs = self.pooling.chunk_pairs(audio.size(1))
-        clips = min(n_audio, pairs)  # all clips at once unless one caption's pairs alone exceed the budget
-        captions = max(1, min(n_text, pairs // clips))
+        clips, captions = self.pooling.chunk_sizes(n_audio, n_text, audio.size(1))
         scores = torch.empty(n_audio, n_text, device=audio.device)
         for a in range(0, n_audio, clips):
             longest = int(lengths[a : a + clips].max())  # a chunk's frames padded only to its own longest clip

@@ -27,6 +27,7 @@ from pydantic import Field, PositiveInt, field_validator
 from torch import nn
 
 from models.audio_encoders import AUDIO_ENCODERS
+from models.pooling import valid_frames
 from models.pretrained import load_pretrained
 from models.registry import StrictModel, configured
 from utils.errors import ConfigError
@@ -163,7 +164,7 @@ class PretrainedAudioTower(PretrainedTower):
             if self.backbone is None:
                 raise RuntimeError(f"{type(self).__name__} was built without its backbone: pass cached frames")
             frames, lengths = self.frames(**inputs)
-        valid = torch.arange(frames.size(1), device=frames.device)[None, :] < lengths[:, None]  # (B, T')
+        valid = valid_frames(lengths, frames.size(1))  # (B, T')
         return self.adapter(frames.float() * valid[..., None]), lengths
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Contrastive losses for audio-text dual encoders, one registry (``criterion.name`` in the config).
 
-Every loss is called as ``loss(audio_embeds, text_embeds, audio_ids)``: it scores every pair of
-the batch and divides by its temperature, then ``loss.from_scores(scores, audio_ids)`` takes
-over. ``from_scores`` also accepts a ``(B, B)`` matrix of pair scores made any other way
-(already scaled), such as those of a pooling head that sees both modalities. A learnable
+Users' scripts call a loss as ``loss(audio_embeds, text_embeds, audio_ids)``: it scores every pair of
+the batch and hands them to ``loss.from_pair_scores(scores, audio_ids)``, which divides by the
+temperature and calls ``from_scores``. Training calls ``from_pair_scores`` with
+``DualEncoderModel.forward``'s ``(B, B)`` cosines, which a text-aware pooling head computes pair by pair. A learnable
 temperature lives with the model (``DualEncoderModel.logit_scale``) and is passed in as
 ``logit_scale``, replacing the loss's fixed ``1 / temperature``.
 

@@ -133,6 +133,8 @@ class TextAwareAttentionPooling(PoolingHead):
         super().__init__()
         if config is None:
             config = self.Config(proj_dim=proj_dim, attn_dropout=attn_dropout, proj_dropout=proj_dropout)
+        elif (proj_dim, attn_dropout, proj_dropout) != (None, 0.1, 0.0):
+            raise TypeError("TextAwareAttentionPooling takes its settings as arguments or as config=, not both")
         self.config = config
         proj_dim = config.proj_dim or dim
         self.layer_norm = nn.LayerNorm(dim)
@@ -172,11 +174,18 @@ class TextAwareAttentionPooling(PoolingHead):
         pooled = torch.einsum("qat,atd->qad", weights, values) + self.w_o.bias  # (B_t, B_a, dim)
         return F.dropout(self.layer_norm(pooled), self.config.proj_dropout, self.training)
 
-    def chunk_pairs(self, frames: int) -> int:
-        """How many (caption, clip) pairs one chunk may hold within ``chunk_mb`` for clips of ``frames`` frames:
-        each pair holds its attention logits and weights and a few ``dim``-wide vectors (float32)."""
-        per_pair = 4 * (2 * frames + 3 * self.w_o.out_features)
-        return max(1, int(self.config.chunk_mb * 2**20 // per_pair))
+    def chunk_sizes(self, n_audio: int, n_text: int, frames: int) -> tuple[int, int]:
+        """``(clips, captions)`` per chunk of a whole split's scoring, so that one chunk's intermediates (float32)
+        stay within ``chunk_mb`` for clips of ``frames`` frames: ``prepare`` holds ``2 * D_p + 3 * dim`` numbers per
+        frame of each clip, each (caption, clip) pair its attention logits and weights and three ``dim``-wide
+        vectors. The clips take at most half the budget, the captions beside them the rest: few, large chunks
+        whichever of the two dominates."""
+        dim, proj = self.w_o.out_features, self.w_q.out_features
+        per_clip, per_pair = 4 * frames * (2 * proj + 3 * dim), 4 * (2 * frames + 3 * dim)
+        budget = self.config.chunk_mb * 2**20
+        clips = max(1, min(n_audio, int(budget / 2 // per_clip)))
+        captions = max(1, min(n_text, int((budget - clips * per_clip) // (clips * per_pair))))
+        return clips, captions
 
 
 @POOLING.register

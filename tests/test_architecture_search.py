@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT
 from test_recipes import recipe, score
 from tiny_models import tiny_ast, tiny_roberta
 
 from main import check_before_ray, run_experiment, store_variants
-from utils.config import load_config, validate, validate_search_space, with_overrides
+from utils.config import Config, load_config, load_raw, validate, validate_search_space, with_overrides
+from utils.config_files import is_section
 from utils.errors import ConfigError
 from utils.tower_stores import audio_store
 
@@ -49,6 +51,14 @@ def test_presets_are_sections_by_name_and_every_combination_is_checked(tiny_raw,
         validate_search_space(raw, two)  # a frozen AST cannot draw fresh crops: named by both keys
     with pytest.raises(ConfigError, match="model.pooling"):
         load_config("conf.yaml", ["model.pooling=nothing"])
+    # only sub-config keys take presets: a plain value that happens to be a preset's name stays a value
+    assert is_section(Config, "model.pooling") and is_section(Config, "model.audio_enc")
+    assert not is_section(Config, "model.text_enc.pooling") and not is_section(Config, "optimizer.name")
+    # a preset's relative paths resolve against the config file, as the file's own do (a trial runs elsewhere)
+    raw = load_raw(REPO_ROOT / "conf.yaml", ["presets={cnn14: {name: CNN14Encoder, weight: w.safetensors}}"], Config)
+    assert raw["presets"]["cnn14"]["weight"] == str(REPO_ROOT / "w.safetensors")
+    config, _ = load_config(REPO_ROOT / "conf.yaml", ["presets={mean: {name: MeanPooling}}", "model.pooling=mean"])
+    assert config.model.pooling.name == "MeanPooling"
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_recipes import recipe, score
 from tiny_models import tiny_sd_text_encoder, tiny_w2v_bert
 
-from main import check_before_ray, run_experiment
+from main import check_before_ray, check_model_ids, run_experiment
 from utils.config import validate, with_overrides
 from utils.errors import ConfigError
 from utils.tower_stores import open_store, text_store
@@ -38,8 +38,13 @@ def test_audio2img_recipe_aligns_audio_sequences_with_clip_hidden_states(tiny_da
     config = validate(raw)
     with pytest.raises(ConfigError, match="sequence alignment needs all three"):
         validate(with_overrides(raw, {"criterion": {"name": "ClipLoss"}}))
+    with pytest.raises(ConfigError, match="must be IdentityProjection and model.text_enc.trainable false"):
+        validate(with_overrides(raw, {"model.projection": {"name": "LinearProjection"}}))
     with pytest.raises(ConfigError, match="positions 64 must equal model.text_enc.max_length 77"):
         validate(with_overrides(raw, {"model.pooling.positions": 64}))
+    longer = validate(with_overrides(raw, {"model.text_enc.max_length": 100, "model.pooling.positions": 100}))
+    with pytest.raises(ConfigError, match="max_length 100 is more than the 77 tokens"):
+        check_model_ids(longer)
     check_before_ray(config, joins_cluster=False)
     experiment = run_experiment(config, raw)
 

@@ -100,9 +100,15 @@ def test_a_tap_model_scores_every_pair_through_the_head_and_in_chunks_alike():
             for t in range(7):
                 pooled = tap_pair(model.pooling, frames[a, : frame_lengths[a]], text[t])
                 assert torch.isclose(scores[a, t], F.cosine_similarity(pooled, text[t], dim=0), atol=1e-5)
-        tiny = tap_model(chunk_mb=1e-4)  # a budget of a few pairs: many chunks of clips and captions
-        assert tiny.pooling.chunk_pairs(10) < 5
-        assert torch.allclose(tiny.score_all(frames, frame_lengths, text), scores, atol=1e-5)
+        more = model.encode_text(torch.randn(30, 10))
+        per_clip, per_pair = 4 * 10 * (2 * 12 + 3 * 8), 4 * (2 * 10 + 3 * 8)  # bytes: prepare, and each pair
+        for budget, sizes in ((1e-4, (1, 1)), (4 * per_clip / 2**20, (2, 10))):  # one pair; 2 clips x 10 captions
+            small = tap_model(chunk_mb=budget)
+            assert small.pooling.chunk_sizes(5, 30, 10) == sizes
+            clips, captions = sizes
+            assert clips * per_clip + clips * captions * per_pair <= budget * 2**20 or sizes == (1, 1)
+            expected = model.pair_scores(frames, frame_lengths, more)
+            assert torch.allclose(small.score_all(frames, frame_lengths, more), expected, atol=1e-5)
         assert torch.allclose(model.score_all(frames, frame_lengths, text), scores, atol=1e-5)
         batch = model({"logmels": logmels[:5], "lengths": lengths[:5]}, {"text_embeds": text_inputs[:5]})
         assert torch.allclose(batch, scores[:, :5], atol=1e-5)

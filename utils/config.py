@@ -11,6 +11,7 @@ choice, and ``conf.yaml`` is where it is made.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
@@ -30,10 +31,13 @@ from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
 from models.registry import StrictModel
 from utils.audio import CropConfig, FeatureConfig
-from utils.config_files import load_raw, validation_message, with_overrides
+from utils.config_files import describe, load_raw, validation_message
+from utils.config_files import with_overrides as apply_overrides
 from utils.errors import ConfigError
 from utils.stores import DataConfig
 from utils.text import TextEmbeddingConfig
+
+log = logging.getLogger(__name__)
 
 
 class SearchKind(NamedTuple):
@@ -318,6 +322,15 @@ class Config(StrictModel):
                 "sequence alignment needs all three of model.pooling SequenceResampling, model.text_enc "
                 f"CLIPTextEncoder and criterion SequenceContrastiveLoss, or none: {have}"
             )
+        if head == "SequenceResampling" and (
+            self.model.projection.name != "IdentityProjection" or self.model.text_enc.trainable
+        ):
+            # the targets are the frozen CLIP hidden states themselves: a head or training on the text side would
+            # move them, and the audio side would no longer be a pipeline's prompt_embeds
+            raise ValueError(
+                "sequence alignment trains the audio side towards the frozen CLIP hidden states: model.projection "
+                "must be IdentityProjection and model.text_enc.trainable false"
+            )
         if head == "SequenceResampling" and self.model.pooling.positions != self.model.text_enc.max_length:
             raise ValueError(
                 f"model.pooling.positions {self.model.pooling.positions} must equal model.text_enc.max_length "
@@ -334,6 +347,12 @@ class Config(StrictModel):
                 f"ray_conf.workers_per_trial={workers}"
             )
         return self
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with dotted-path ``overrides`` applied, preset names given to sub-config keys resolved (the schema
+    says which keys hold sub-configs)."""
+    return apply_overrides(raw, overrides, Config)
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -386,7 +405,15 @@ def validate_search_space(raw: dict[str, Any], search_space: SearchSpace, where:
         samples[path] = search_space_samples(path, spec, where)
         for value in samples[path]:
             _check_values(raw, {path: value}, where)
-    if len(samples) > 1 and math.prod(map(len, samples.values())) <= MAX_COMBINATIONS:
+    combinations = math.prod(map(len, samples.values()))
+    if len(samples) > 1 and combinations > MAX_COMBINATIONS:
+        log.warning(
+            "%s: %d combinations of the searched values' extremes, over %d: each key checked alone, not together",
+            where,
+            combinations,
+            MAX_COMBINATIONS,
+        )
+    elif len(samples) > 1:
         for values in itertools.product(*samples.values()):
             _check_values(raw, dict(zip(samples, values)), where)
 
@@ -395,18 +422,13 @@ def _check_values(raw: dict[str, Any], values: dict[str, Any], where: str) -> No
     try:
         validate(with_overrides(raw, values))
     except ConfigError as err:
-        chosen = " with ".join(f"{path}={_shown(value)}" for path, value in values.items())
+        chosen = " with ".join(f"{path}={describe(value)!r}" for path, value in values.items())
         raise ConfigError(f"{where}{'.' if len(values) == 1 else ': '}{chosen} gives an {err}") from None
-
-
-def _shown(value: Any) -> str:
-    """A searched value as a user recognises it: a preset's name as written, an inline sub-config by its name."""
-    return repr(value.get("name", value)) if isinstance(value, dict) else repr(value)
 
 
 def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:
     """Load, override, resolve and validate; also checks the search space. Returns the config and its raw dict."""
-    raw = load_raw(config_path, overrides)
+    raw = load_raw(config_path, overrides, Config)
     config = validate(raw)
     validate_search_space(raw, config.ray_conf.search_space)
     if isinstance(config.ray_conf.scheduler, PBTSchedulerConfig):

@@ -106,24 +106,46 @@ def key_path(loc: tuple[str | int, ...], raw: Any) -> str:
     return ".".join(keys)
 
 
-def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``raw`` with each dotted-path override applied. A string naming one of ``raw``'s
-    ``presets`` given to a section (a key whose value is a mapping, or unset) becomes that preset's sub-config:
-    ``model.audio_enc=ast``, or ``{model.audio_enc: {grid: [cnn14, ast]}}`` in a search space."""
+def describe(value: Any) -> Any:
+    """A searched value as users recognise it: an inline sub-config by its class ``name`` (a preset is its name
+    already), any other value as it is."""
+    return value.get("name", str(value)) if isinstance(value, dict) else value
+
+
+def is_section(schema: type[BaseModel], dotted: str) -> bool:
+    """Whether the key at ``dotted`` holds a sub-config (a model, or a union of models) in ``schema``, in any of
+    the classes a union along the way may name."""
+    models: list[Any] = [schema]
+    for part in dotted.split("."):
+        fields = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        models = [t for a in fields for t in _union_members(a) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
+            return False
+    return True
+
+
+def with_overrides(
+    raw: dict[str, Any], overrides: dict[str, Any], schema: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """A deep copy of ``raw`` with each dotted-path override applied. With the config's ``schema``, a string naming
+    one of ``raw``'s ``presets`` given to a sub-config key becomes that preset: ``model.audio_enc=ast``, or
+    ``{model.audio_enc: {grid: [cnn14, ast]}}`` in a search space (a plain value such as ``pooling: mean`` stays)."""
     out = copy.deepcopy(raw)
-    presets = raw.get("presets") or {}
     for dotted, value in overrides.items():
-        if isinstance(value, str) and value in presets and isinstance(get_path(out, dotted), dict | None):
+        presets = out.get("presets") or {}  # as far as the overrides so far have set them
+        if isinstance(value, str) and value in presets and schema is not None and is_section(schema, dotted):
             value = copy.deepcopy(presets[value])
         set_path(out, dotted, value)
     return out
 
 
-def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def load_raw(
+    config_path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None
+) -> dict[str, Any]:
     """Read YAML safely, apply ``key=value`` overrides and make relative paths absolute.
 
     Relative paths resolve against the config file's folder, never the process's or a
-    Ray trial's working directory.
+    Ray trial's working directory; those inside ``presets`` too. ``schema``: see ``with_overrides``.
     """
     config_path = Path(config_path).resolve()
     if not config_path.is_file():
@@ -135,7 +157,7 @@ def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dic
     raw = safe_yaml(text, str(config_path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} must hold a mapping of config sections")
-    raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []))
+    raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []), schema)
 
     def absolute(value: Any) -> Any:
         if isinstance(value, str) and "://" not in value:
@@ -149,6 +171,14 @@ def load_raw(config_path: str | Path, overrides: list[str] | None = None) -> dic
         value = get_path(raw, dotted)
         if isinstance(value, str) and (config_path.parent / Path(value).expanduser()).is_dir():
             set_path(raw, dotted, absolute(value))
+    # a preset's paths, for a search that chooses it in a trial (whose working directory is elsewhere)
+    for preset in (raw.get("presets") or {}).values():
+        if isinstance(preset, dict) and isinstance(preset.get("weight"), str):
+            preset["weight"] = absolute(preset["weight"])
+        for key in ("model_id", "init_from"):
+            value = preset.get(key) if isinstance(preset, dict) else None
+            if isinstance(value, str) and (config_path.parent / Path(value).expanduser()).is_dir():
+                preset[key] = absolute(value)
     # paths a search chooses between, e.g. {data.dataset_dir: {grid: [data/a, data/b]}}
     for dotted, spec in (get_path(raw, "ray_conf.search_space") or {}).items():
         if dotted in _PATH_KEYS and isinstance(spec, dict):

@@ -28,8 +28,9 @@ def gather_pairs(
     """
     if world()[0] == 1:
         return audio, lengths, text
-    steps = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(steps, torch.tensor(audio.size(1)))
+    # on the frames' device: NCCL gathers CUDA tensors only
+    steps = [torch.zeros((), dtype=torch.long, device=audio.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(steps, torch.tensor(audio.size(1), device=audio.device))
     audio = F.pad(audio, (0, 0, 0, int(max(steps)) - audio.size(1)))  # padded frames are masked by their lengths
     return torch.cat(all_gather_with_grad(audio)), gather_ids(lengths), torch.cat(all_gather_with_grad(text))
 

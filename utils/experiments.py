@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from utils.config import load_raw, validate
+from utils.config import Config, load_raw, validate
 from utils.stores import read_json
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def find_model(
         log.info("using checkpoint %s", checkpoint)
         return checkpoint, checkpoint if checkpoint.is_dir() else checkpoint.parent
     if best_file is None:
-        config = validate(load_raw(config_path, overrides))
+        config = validate(load_raw(config_path, overrides, Config))
         best_file = find_best_file(config.ray_conf.storage_path, experiment or config.experiment)
     best = read_best(best_file)
     log.info(

@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from utils.config_files import describe
+
 
 @dataclass
 class TrialHistory:
@@ -23,12 +25,6 @@ def as_epoch(value: float) -> int | float:
     """A reported ``epoch``: a whole number at epoch ends, a fraction for reports within an epoch."""
     value = float(value)
     return int(value) if value.is_integer() else value
-
-
-def describe(value: Any) -> Any:
-    """A trial's value as a table cell: an inline sub-config (a searched architecture) by its class ``name``;
-    presets are already their names."""
-    return value.get("name", str(value)) if isinstance(value, dict) else value
 
 
 def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.DataFrame:
