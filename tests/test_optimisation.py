@@ -77,14 +77,20 @@ def test_warmup_then_decay_is_stepped_per_optimizer_step(kind):
     assert warmup_then_decay(10, 3, 10, kind().name, 0.1) == pytest.approx(0.1)
 
 
-def test_warmup_in_epochs_counts_optimizer_steps():
-    optimizer = make_optimizer(tiny_model(), OptimizerConfig(lr=1.0))
-    schedule = make_lr_scheduler(optimizer, CosineWithWarmupConfig(warmup_epochs=0.5), steps_per_epoch=8, num_epochs=1)
+def heads_lrs(optimizer: torch.optim.Optimizer, schedule, steps: int) -> list[float]:
+    """The first group's lr at each of ``steps`` optimizer steps, stepping the per-step schedule after each."""
     lrs = []
-    for _ in range(4):
+    for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.scheduler.step()
+    return lrs
+
+
+def test_warmup_in_epochs_counts_optimizer_steps():
+    optimizer = make_optimizer(tiny_model(), OptimizerConfig(lr=1.0))
+    schedule = make_lr_scheduler(optimizer, CosineWithWarmupConfig(warmup_epochs=0.5), steps_per_epoch=8, num_epochs=1)
+    lrs = heads_lrs(optimizer, schedule, 4)
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 0.5 epoch x 8 steps = 4 warmup steps
 
 
@@ -92,11 +98,7 @@ def test_salsa_schedule_warms_up_one_epoch_then_decays_until_epoch_15_of_20_and_
     optimizer = make_optimizer(tiny_model(), OptimizerConfig(lr=1.0))
     config = CosineWithWarmupConfig(warmup_epochs=1, decay_epochs=15, min_lr_ratio=0.01)
     schedule = make_lr_scheduler(optimizer, config, steps_per_epoch=2, num_epochs=20)
-    lrs = []
-    for _ in range(40):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.scheduler.step()
+    lrs = heads_lrs(optimizer, schedule, 40)
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])  # 1 epoch of warmup, then the peak
     middle = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 14 / 28))  # step 16: halfway through steps 2..30
     assert lrs[16] == pytest.approx(middle)
@@ -154,11 +156,7 @@ def test_a_schedule_rewound_to_a_step_gives_that_steps_lrs():
     model = tiny_model()
     optimizer = make_optimizer(model, OptimizerConfig(lr=1e-3))
     schedule = make_lr_scheduler(optimizer, CosineWithWarmupConfig(warmup_steps=3), steps_per_epoch=5, num_epochs=2)
-    lrs = []
-    for _ in range(8):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.scheduler.step()
+    lrs = heads_lrs(optimizer, schedule, 8)
     rewind(schedule.scheduler, optimizer, 5)  # a mid-epoch checkpoint of epoch 2 replays epoch 2 from step 5
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[5])
     optimizer.step()

@@ -97,13 +97,13 @@ def test_sequence_resampling_equals_interpolate_clip_by_clip_and_ignores_padding
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_sd_text_encoder(tmp_path_factory.mktemp("tiny_sd"))
 
 
-def test_clip_text_encoder_gives_the_pipelines_prompt_embeds(sd_folder: Path):
-    assert not (sd_folder / "config.json").exists()  # as in an SD repository: the model is in its subfolder
-    config = CLIPTextEncoder.Config(model_id=str(sd_folder))
+def test_clip_text_encoder_gives_the_pipelines_prompt_embeds(tiny_sd: Path):
+    assert not (tiny_sd / "config.json").exists()  # as in an SD repository: the model is in its subfolder
+    config = CLIPTextEncoder.Config(model_id=str(tiny_sd))
     assert (config.subfolder, config.tokenizer_subfolder, config.max_length) == ("text_encoder", "tokenizer", 77)
     tower = CLIPTextEncoder(config)
     assert tower.sequence and tower.pads_to_max_length and tower.out_dim == 16
@@ -118,8 +118,8 @@ def test_clip_text_encoder_gives_the_pipelines_prompt_embeds(sd_folder: Path):
 
         # diffusers' StableDiffusionPipeline.encode_prompt: the pipeline's own tokenizer and text encoder, ids padded
         # to tokenizer.model_max_length, no attention mask (the config has no use_attention_mask)
-        tokenizer = AutoTokenizer.from_pretrained(sd_folder / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(sd_folder / "text_encoder").eval()
+        tokenizer = AutoTokenizer.from_pretrained(tiny_sd / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder").eval()
         ids = tokenizer(
             CAPTIONS + ["a long caption " * 40],
             padding="max_length",
@@ -146,24 +146,24 @@ def test_other_text_towers_still_pad_to_the_longest_caption(tmp_path: Path):
     assert tokens["input_ids"].shape[1] < 77
 
 
-def hub_cache(tmp_path: Path, sd_folder: Path, repo: str) -> Path:
-    """A Hugging Face cache holding ``repo`` as ``sd_folder`` (refs/main -> a snapshot), as ``snapshot_download``
+def hub_cache(tmp_path: Path, tiny_sd: Path, repo: str) -> Path:
+    """A Hugging Face cache holding ``repo`` as ``tiny_sd`` (refs/main -> a snapshot), as ``snapshot_download``
     (diffusers' download) leaves it: with no record of the files the repository lacks (``tokenizer/config.json``)."""
     cache = tmp_path / "hub"
     snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
-    shutil.copytree(sd_folder, snapshot)
+    shutil.copytree(tiny_sd, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     return cache
 
 
 def test_a_cached_hub_id_loads_from_its_subfolders_offline(
-    sd_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     import huggingface_hub.constants
 
     # no config.json at the repository's root: the cache is looked up under the subfolders
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path, sd_folder, "org/tiny-sd")))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path, tiny_sd, "org/tiny-sd")))
     config = CLIPTextEncoder.Config(model_id="org/tiny-sd")
     assert CLIPTextEncoder(config)(**CaptionTokens(config)(CAPTIONS)).shape == (4, 77, 16)
 
@@ -177,7 +177,7 @@ def model_config(text_enc: CLIPTextEncoder.Config) -> SimpleNamespace:
     return SimpleNamespace(model=SimpleNamespace(audio_enc=SmallCNNEncoder.Config(), text_enc=text_enc, init_from=None))
 
 
-def test_a_model_that_cannot_be_loaded_is_one_config_error_line(sd_folder: Path, tmp_path: Path):
+def test_a_model_that_cannot_be_loaded_is_one_config_error_line(tiny_sd: Path, tmp_path: Path):
     from main import check_model_ids
 
     missing = CLIPTextEncoder.Config(model_id=str(tmp_path / "missing"))  # no folder, and HF_HUB_OFFLINE=1
@@ -187,7 +187,7 @@ def test_a_model_that_cannot_be_loaded_is_one_config_error_line(sd_folder: Path,
         assert str(err.value).startswith("model.text_enc.model_id: cannot load") and "\n" not in str(err.value)
         assert str(tmp_path / "missing") in str(err.value)
     # an SD folder without a text encoder where the config says
-    wrong = CLIPTextEncoder.Config(model_id=str(sd_folder), subfolder="unet")
+    wrong = CLIPTextEncoder.Config(model_id=str(tiny_sd), subfolder="unet")
     with pytest.raises(ConfigError, match=r"^model.text_enc.model_id: cannot load .* from its folder") as err:
         CLIPTextEncoder(wrong)
     assert "\n" not in str(err.value)
