@@ -179,7 +179,8 @@ class DualEncoderModel(nn.Module):
         gather: Callable[..., tuple[torch.Tensor, ...]] | None = None,
     ) -> torch.Tensor:
         """A batch's named audio and text inputs -> cosine scores ``(B, B)`` of every (clip, caption) pair, row i
-        and column i the batch's i-th pair. ``gather`` (data-parallel training) turns this worker's ``audio_frames``
+        and column i the batch's i-th pair (with a sequence head ``(L, B, B)``, one matrix per position).
+        ``gather`` (data-parallel training) turns this worker's ``audio_frames``
         and text embeddings into the global batch's, so the pairs are scored across workers."""
         frames, lengths = self.audio_frames(**audio)
         text_embeds = self.encode_text(**text)
