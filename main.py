@@ -72,6 +72,7 @@ from models.text_encoders import TEXT_ENCODERS
 from preprocessing.tower_stores import finish_audio_store, plan_audio_store, write_audio_parts, write_text_store
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
+from utils.config_files import describe
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.extractors import CaptionTokens, make_extractor
@@ -192,9 +193,8 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
                         f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
                     )
             check_inputs(variant, split, missing_ok=True)  # tower stores still to be made: once Ray runs
-        if not missing_stores(variant, variant.data.splits()):
-            # a missing or mismatched pretrained weight file, or heads that do not fit, fail here, not in a trial
-            build_model(variant, torch.device("cpu"))
+    if not any(missing_stores(variant, variant.data.splits()) for variant in variants):
+        build_variants(config)  # else once the stores are made (prepare_stores)
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
         raise ConfigError(
             "device: 'cuda' needs ray_conf.gpus_per_trial > 0: Ray hides the GPUs from trials that reserve none "
@@ -247,25 +247,37 @@ STORE_KEYS = (
 )
 
 
-def store_variants(config: Config) -> list[Config]:
-    """The config, and one config per combination of the searched values of keys that change what the towers read
-    (log-mels, caption embeddings, tower stores): a search across architectures needs each one's inputs. A
-    continuous range over such a key is refused where a ``transformers`` tower reads stores computed once per
-    value (use ``choice`` or ``grid``)."""
+def search_variants(config: Config, keys: tuple[str, ...]) -> tuple[dict[str, Config], list[str]]:
+    """The config, and one per combination of the ``choice``/``grid`` values searched under ``keys`` (deduplicated),
+    each by what it sets (``"model.pooling='tap'"``, empty for the file's own); and the searched paths under
+    ``keys`` that take a continuous range."""
     raw = config.model_dump(mode="json")
     discrete, continuous = {}, []
     for path, spec in config.ray_conf.search_space.items():
         # the pooling head changes a store by its name only (mean pooling or not); the other keys by any value
-        if path.startswith(STORE_KEYS) and not (path.startswith("model.pooling.") and path != "model.pooling.name"):
+        pooling_setting = path.startswith("model.pooling.") and path != "model.pooling.name"
+        if path.startswith(keys) and not (keys == STORE_KEYS and pooling_setting):
             ((kind, values),) = spec.items()
             if kind in ("choice", "grid"):
                 discrete[path] = values
             else:
                 continuous.append(f"ray_conf.search_space.{path}: {kind}")
-    variants = {json.dumps(raw, sort_keys=True): config}
+    seen, variants = {json.dumps(raw, sort_keys=True)}, {"": config}
     for values in itertools.product(*discrete.values()):
-        variant = validate(with_overrides(raw, dict(zip(discrete, values))))
-        variants.setdefault(json.dumps(variant.model_dump(mode="json"), sort_keys=True), variant)
+        chosen = dict(zip(discrete, values))
+        variant = validate(with_overrides(raw, chosen))
+        if (dumped := json.dumps(variant.model_dump(mode="json"), sort_keys=True)) not in seen:
+            seen.add(dumped)
+            variants[" with ".join(f"{path}={describe(value)!r}" for path, value in chosen.items())] = variant
+    return variants, continuous
+
+
+def store_variants(config: Config) -> list[Config]:
+    """The config, and one config per combination of the searched values of keys that change what the towers read
+    (log-mels, caption embeddings, tower stores): a search across architectures needs each one's inputs. A
+    continuous range over such a key is refused where a ``transformers`` tower reads stores computed once per
+    value (use ``choice`` or ``grid``)."""
+    variants, continuous = search_variants(config, STORE_KEYS)
     towers = [tower for v in variants.values() for tower in (v.model.audio_enc, v.model.text_enc)]
     if continuous and any(map(is_pretrained, towers)):
         raise ConfigError(
@@ -273,6 +285,20 @@ def store_variants(config: Config) -> list[Config]:
             "value; use choice or grid"
         )
     return list(variants.values())
+
+
+def build_variants(config: Config) -> None:
+    """Build the model of every architecture the search can choose (each combination of the ``choice``/``grid``
+    values of ``model.*`` and of the keys that change the towers' inputs): heads that do not fit their towers, a
+    missing weight file or a CLAP checkpoint that does not match fail once, here, naming the searched values,
+    not in every trial. The towers' stores must exist (a frozen tower's width is its store's)."""
+    for chosen, variant in search_variants(config, ("model.", *STORE_KEYS))[0].items():
+        try:
+            build_model(variant, torch.device("cpu"))
+        except InputError as err:
+            if not chosen:
+                raise
+            raise type(err)(f"ray_conf.search_space: {chosen} gives a model that cannot be built: {err}") from None
 
 
 def prepare_stores(config: Config) -> None:
@@ -312,7 +338,7 @@ def prepare_stores(config: Config) -> None:
     for variant in store_variants(config):
         for split in (variant.data.train_split, variant.data.val_split):
             check_inputs(variant, split)
-        build_model(variant, torch.device("cpu"))  # heads that do not fit the towers fail once, here
+    build_variants(config)
 
 
 def store_task(config: dict[str, Any], split: str, side: str, part: int | None = None) -> None:

@@ -61,6 +61,24 @@ def test_presets_are_sections_by_name_and_every_combination_is_checked(tiny_raw,
     assert config.model.pooling.name == "MeanPooling"
 
 
+def test_every_architecture_a_search_can_choose_is_built_before_ray(tiny_raw):
+    # each value is a valid config, but the frozen Sentence-BERT vectors (384 wide) cannot go without a head into
+    # a 16-wide space: found while building the models, before Ray, naming the searched value
+    raw = with_overrides(
+        tiny_raw,
+        {
+            "ray_conf.search_space": {
+                "model.projection": {"grid": [{"name": "LinearProjection"}, {"name": "IdentityProjection"}]}
+            }
+        },
+    )
+    config = validate(raw)
+    with pytest.raises(
+        ConfigError, match=r"model.projection='IdentityProjection' gives a model that cannot be built: .*384"
+    ):
+        check_before_ray(config, joins_cluster=False)
+
+
 @pytest.mark.slow
 def test_a_search_across_cnn_and_transformers_towers_and_mean_and_tap_is_one_experiment(
     tiny_raw, ast_folder, ray_session
