@@ -1,9 +1,12 @@
 """Cross-modal retrieval metrics of a trained model, plus the DCASE submission file.
 
-Computes mAP@10 and R@1/5/10 for text-to-audio and audio-to-text retrieval from the score
+Computes mAP@10, R@1/5/10, NDCG@5/10 and the mean and median rank for text-to-audio and
+audio-to-text retrieval (``a2t``: the DCASE protocol, recall over all of a clip's captions;
+``a2t_any``: a hit when any of them is in the top k, as CLAP-style papers count) from the score
 matrix of ``xmodal_scores.py`` (computed first when missing), prints a table and writes
 ``retrieval_metrics.json`` and ``{split}.t2a_retrieval.csv`` (caption, then the top-10 file
-names) into the experiment folder. With no arguments it evaluates the best model of the newest
+names) into the experiment folder; ``--per-query`` also writes ``{split}.t2a_ranks.csv``, each
+caption's rank of its clip. With no arguments it evaluates the best model of the newest
 finished run of the config's experiment on the evaluation split. Also runs as
 ``python -m postprocessing.xmodal_retrieval``.
 """
@@ -27,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
     add_scoring_arguments(parser)
     parser.add_argument("--rescore", action="store_true", help="recompute the scores even if the scores file exists")
+    parser.add_argument(
+        "--per-query", action="store_true", help="also write {split}.t2a_ranks.csv: each caption's rank of its clip"
+    )
     return parser
 
 
@@ -40,7 +46,7 @@ import torch
 from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
 from utils.experiments import find_model
-from utils.metrics import retrieval_metrics
+from utils.metrics import caption_ranks, retrieval_metrics
 
 log = logging.getLogger("xmodal_retrieval")
 
@@ -48,11 +54,13 @@ TOP_K = 10
 
 
 def format_table(metrics: dict[str, dict[str, float]], title: str) -> str:
-    """A fixed-width table: one row per direction, one column per metric."""
-    names = list(metrics["t2a"])
-    lines = [title, f"{'direction':<10}" + "".join(f"{n:>9}" for n in names)]
+    """A fixed-width table: one row per direction, one column per metric (``-`` where a protocol has none)."""
+    names = list(dict.fromkeys(name for values in metrics.values() for name in values))
+    widths = [max(9, len(n) + 2) for n in names]
+    lines = [title, f"{'direction':<10}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
     for direction, values in metrics.items():
-        lines.append(f"{direction:<10}" + "".join(f"{values[n]:>9.4f}" for n in names))
+        cells = (f"{values[n]:>{w}.4f}" if n in values else f"{'-':>{w}}" for n, w in zip(names, widths))
+        lines.append(f"{direction:<10}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -73,10 +81,11 @@ def evaluate(
     untrained: bool = False,
     rescore: bool = False,
     device: str | None = None,
+    per_query: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Score ``split`` (default: the model config's eval split) unless its scores file is there already,
     print the metrics table, and write ``retrieval_metrics[_untrained].json`` and the submission CSV
-    into ``out_dir``; returns the metrics."""
+    (with ``per_query``, each caption's rank of its clip too) into ``out_dir``; returns the metrics."""
     split = split or read_model_config(model_path).data.eval_split
     path = scores_file(out_dir, split, untrained)
     if rescore or not path.is_file():
@@ -94,6 +103,17 @@ def evaluate(
     metrics_file.write_text(json.dumps(summary, indent=2))
     submission(scores, fnames, captions).to_csv(submission_file, index=False)
     log.info("wrote %s and %s", metrics_file, submission_file)
+    if per_query:
+        ranks_file = out_dir / f"{split}.t2a_ranks{suffix}.csv"
+        ranks = pd.DataFrame(
+            {
+                "caption": captions,
+                "fname": [fnames[i] for i in caption_audio],
+                "rank": caption_ranks(scores, caption_audio).numpy(),
+            }
+        )
+        ranks.to_csv(ranks_file, index=False)
+        log.info("wrote %s", ranks_file)
     return metrics
 
 
@@ -104,7 +124,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     with exit_on_input_error():
         model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
-        evaluate(model_path, args.out_dir or folder, args.split, args.untrained, args.rescore, args.device)
+        out_dir = args.out_dir or folder
+        evaluate(model_path, out_dir, args.split, args.untrained, args.rescore, args.device, args.per_query)
 
 
 if __name__ == "__main__":

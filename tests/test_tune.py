@@ -54,18 +54,25 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
             str(experiment / "best.json"),
             "--device",
             "cpu",
+            "--per-query",
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "t2a" in run.stdout and "mAP@10" in run.stdout
+    assert "t2a" in run.stdout and "mAP@10" in run.stdout and "a2t_any" in run.stdout and "NDCG@10" in run.stdout
     metrics = json.loads((experiment / "retrieval_metrics.json").read_text())
     assert metrics["split"] == "evaluation" and 0 <= metrics["t2a"]["mAP@10"] <= 1
     submission = pd.read_csv(experiment / "evaluation.t2a_retrieval.csv")
     assert list(submission.columns) == ["caption"] + [f"fname_{k}" for k in range(1, 11)]
     assert len(submission) == 60  # 12 evaluation clips x 5 captions
+    ranks = pd.read_csv(experiment / "evaluation.t2a_ranks.csv")  # --per-query: each caption's rank of its clip
+    assert (
+        list(ranks.columns) == ["caption", "fname", "rank"] and len(ranks) == 60 and ranks["rank"].between(1, 12).all()
+    )
+    assert ranks["rank"].mean() == pytest.approx(metrics["t2a"]["mean_rank"])
+    assert (ranks["rank"] == 1).mean() == pytest.approx(metrics["t2a"]["R@1"])
 
     # the same step as a function with real parameters, and as a module with another device
     untrained = evaluate(Path(best["model"]), experiment, untrained=True, device="cpu")
