@@ -47,15 +47,16 @@ class AudioEmbeddings:
     def of_views(model: DualEncoderModel, views: list[torch.Tensor], clip: list[int], n: int) -> AudioEmbeddings:
         """Each clip from its views' valid frames ``(T_v, E)`` (``clip[v]``: view v's clip, of ``n``): the normalised
         mean of its views' vectors, or for a text-aware head all its views' frames in order."""
+
+        def per_clip_sum(values: torch.Tensor) -> torch.Tensor:  # (n_views, ...) -> (n, ...)
+            return torch.zeros(n, *values.shape[1:]).index_add_(0, torch.tensor(clip), values)
+
         if model.sequence:  # each clip the mean of its views' sequences (L, E)
-            seqs = torch.stack(views)  # (n_views, L, E)
-            counts = torch.zeros(n).index_add_(0, torch.tensor(clip), torch.ones(len(clip)))
-            seqs = torch.zeros(n, *seqs.shape[1:]).index_add_(0, torch.tensor(clip), seqs) / counts[:, None, None]
+            counts = per_clip_sum(torch.ones(len(clip)))
+            seqs = per_clip_sum(torch.stack(views)) / counts[:, None, None]
             return AudioEmbeddings(seqs, torch.full((n,), seqs.size(1)))
-        if not model.text_aware:
-            vectors = torch.cat(views)  # (n_views, E): one frame per view
-            if len(views) > n:
-                vectors = torch.zeros(n, vectors.size(1)).index_add_(0, torch.tensor(clip), vectors)
+        if not model.text_aware:  # one frame per view: the normalised sum is the normalised mean
+            vectors = per_clip_sum(torch.cat(views))
             return AudioEmbeddings(F.normalize(vectors, dim=-1)[:, None], torch.ones(n, dtype=torch.long))
         per_clip: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for row, frames in zip(clip, views):
