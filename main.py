@@ -11,12 +11,15 @@ interrupted experiment. Only this file talks to Ray; the training loop is ``util
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import itertools
 import json
 import logging
 import os
+import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,25 +72,24 @@ from transformers import AutoConfig
 
 from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
+from preprocessing.demo_dataset import DEMO_DIR, prepare_demo
 from preprocessing.tower_stores import finish_audio_store, plan_audio_store, write_audio_parts, write_text_store
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
-from utils.config_files import describe
+from utils.config_files import describe, flatten
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.extractors import CaptionTokens, make_extractor
-from utils.reporting import TrialHistory, as_epoch, plot_metric, results_table
+from utils.reporting import RESULTS_TABLE, SEARCH_PLOT, TrialHistory, as_epoch, plot_metric, results_table
 from utils.runtime import resolve_device
-from utils.stores import logmel_file, read_json, text_embeds_file
-from utils.tower_stores import check_inputs, is_pretrained, missing_stores
+from utils.stores import audio_table, logmel_file, read_json, text_embeds_file, text_table
+from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
 
 log = logging.getLogger("main")
 
 BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resume
 BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
-RESULTS_TABLE = "results.csv"
-SEARCH_PLOT = "search.png"
 # Tune adds its CSV, JSON and TensorBoard writers to every run unless told not to; main.py adds its own
 # (make_run_config), so that Tune's TensorBoard hint, which names a folder without events, is not printed.
 os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -114,6 +116,7 @@ def main() -> None:
                 folder = None if args.resume == "latest" else Path(args.resume)
                 resume_experiment(folder, config.ray_conf.storage_path, config.experiment, args.address)
             else:
+                prepare_demo_if_missing(config)
                 check_before_ray(config, joins_cluster(args.address))
                 run_experiment(config, raw, args.address)
         except ExperimentInterrupted as err:
@@ -143,7 +146,7 @@ def run_experiment(
         make_trainable(raw, ray_conf),
         param_space=make_param_space(ray_conf),
         tune_config=make_tune_config(config),
-        run_config=make_run_config(ray_conf, name, callbacks),
+        run_config=make_run_config(ray_conf, name, [*make_trackers(config, raw), *(callbacks or [])]),
     )
     return summarise(tuner.fit(), raw, ray_conf)
 
@@ -171,6 +174,25 @@ def resume_experiment(path: Path | None, storage_path: str, experiment: str, add
 # Before any trial starts: data, model, device and resources
 
 
+def prepare_demo_if_missing(config: Config) -> None:
+    """A first ``python main.py`` on a fresh clone: the embedded demo dataset (``conf.yaml``'s, under ``data/demo``)
+    is generated and preprocessed when its files are missing. Any other dataset is the user's to prepare."""
+    data = config.data
+    if data.dataset_dir.resolve() != DEMO_DIR:
+        return
+    needed = [
+        path
+        for split in data.splits()
+        for path in (audio_table(DEMO_DIR, split), logmel_file(DEMO_DIR, split), text_embeds_file(DEMO_DIR, split))
+    ]
+    if all(path.is_file() for path in needed):
+        return
+    log.info("the demo dataset %s is not ready: generating and preprocessing it (about a minute on 2 cores)", DEMO_DIR)
+    start = time.perf_counter()
+    prepare_demo(config)
+    log.info("demo dataset ready in %.0f s", time.perf_counter() - start)
+
+
 def check_before_ray(config: Config, joins_cluster: bool) -> None:
     """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing or
     out-of-date preprocessed data, a pretrained model that cannot be loaded or built (a wrong weight file,
@@ -183,16 +205,14 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     variants = store_variants(config)  # every architecture and store setting the search can choose
     for variant in variants:
         check_model_ids(variant)
-        for split in (variant.data.train_split, variant.data.val_split):
-            needed = [] if is_pretrained(variant.model.audio_enc) else [logmel_file(variant.data.dataset_dir, split)]
-            if not is_pretrained(variant.model.text_enc):
-                needed.append(text_embeds_file(variant.data.dataset_dir, split))
-            for path in needed:
-                if not path.is_file():
-                    raise ConfigError(
-                        f"data.dataset_dir: {path} not found; run the preprocessing scripts first (see README)"
-                    )
-            check_inputs(variant, split, missing_ok=True)  # tower stores still to be made: once Ray runs
+        missing = missing_preprocessing(variant)
+        if missing:
+            raise ConfigError(
+                f"{'; '.join(missing)}; run the preprocessing scripts first, with main.py's --config and overrides "
+                "(see README)"
+            )
+        for _, source, split in training_reads(variant):
+            check_inputs(source, split, missing_ok=True)  # tower stores still to be made: once Ray runs
     if not any(missing_stores(variant, variant.data.splits()) for variant in variants):
         build_variants(config)  # else once the stores are made (prepare_stores)
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
@@ -203,6 +223,44 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     if not joins_cluster:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         check_resources(ray_conf, {"CPU": cpus, "GPU": torch.cuda.device_count()}, "this machine")
+    if ray_conf.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("ray_conf.wandb: Weights & Biases logging needs the wandb package (pip install wandb)")
+
+
+def training_reads(config: Config) -> list[tuple[str, Config, str]]:
+    """What a trial reads, each as ``(config key, config, split)``: ``data.dataset_dir``'s training and validation
+    splits, then each ``data.extra_train`` source's split with its config (``utils.tower_stores.extra_sources``)."""
+    data = config.data
+    reads = [("data.dataset_dir", config, data.train_split), ("data.dataset_dir", config, data.val_split)]
+    return reads + [(f"data.extra_train[{i}]", s, s.data.train_split) for i, s in enumerate(extra_sources(config))]
+
+
+def missing_preprocessing(config: Config) -> list[str]:
+    """One line per dataset a trial reads (``training_reads``) whose preprocessed files are missing: the files,
+    then the commands that make them, in order. Tower stores are not among them: ``prepare_stores`` makes those."""
+    reads: dict[tuple[str, Path], list[str]] = {}
+    for key, source, split in training_reads(config):
+        reads.setdefault((key, source.data.dataset_dir), []).append(split)
+    steps = [("clotho_dataset.py", (audio_table, text_table))]
+    if not is_pretrained(config.model.audio_enc):
+        steps.append(("audio_logmel.py", (logmel_file,)))
+    if not is_pretrained(config.model.text_enc):
+        steps.append(("sbert_embeddings.py", (text_embeds_file,)))
+    lines = []
+    for (key, folder), splits in reads.items():
+        files, commands = [], []
+        for script, outputs in steps:
+            paths = {split: [out(folder, split) for out in outputs] for split in splits}
+            todo = [split for split in splits if not all(path.is_file() for path in paths[split])]
+            if todo:
+                files += [path.name for split in todo for path in paths[split] if not path.is_file()]
+                commands.append(
+                    f"python preprocessing/{script} --dataset-dir {shlex.quote(str(folder))} "
+                    f"--splits {' '.join(map(shlex.quote, todo))}"
+                )
+        if files:
+            lines.append(f"{key}: {folder} has no {', '.join(files)}: {' && '.join(commands)}")
+    return lines
 
 
 def check_model_ids(config: Config) -> None:
@@ -309,6 +367,9 @@ def prepare_stores(config: Config) -> None:
     for variant in store_variants(config):
         for split, side, path in missing_stores(variant, variant.data.splits()):
             work.setdefault(path, (variant, split, side))
+        for source in extra_sources(variant):  # each data.extra_train dataset's training split, in its own folder
+            for split, side, path in missing_stores(source, [source.data.train_split]):
+                work.setdefault(path, (source, split, side))
     if work:
         # one task per part of an audio store (the clips of a split spread over the cluster's GPUs), one per
         # caption store; the parts are merged here, on the driver, once all are done
@@ -336,8 +397,8 @@ def prepare_stores(config: Config) -> None:
         for plan in plans:
             finish_audio_store(plan)
     for variant in store_variants(config):
-        for split in (variant.data.train_split, variant.data.val_split):
-            check_inputs(variant, split)
+        for _, source, split in training_reads(variant):
+            check_inputs(source, split)
     build_variants(config)
 
 
@@ -518,6 +579,71 @@ class TensorBoardEvents(tune.Callback):
 
     def on_trial_error(self, *args: Any, **kwargs: Any) -> None:
         self.writer.on_trial_error(*args, **kwargs)
+
+
+def trial_config(raw: dict[str, Any], trial_params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's whole resolved config, flattened to dotted keys (what the trackers log as its parameters)."""
+    return flatten(validate(with_overrides(raw, trial_params)).model_dump(mode="json"))
+
+
+def make_trackers(config: Config, raw: dict[str, Any]) -> list[tune.Callback]:
+    """The experiment trackers that ``ray_conf.mlflow`` and ``ray_conf.wandb`` switch on, besides TensorBoard:
+    Tune's own logger callbacks, each trial's whole resolved config as the run's parameters (Tune's log only the
+    sampled values). Their modules load only when asked for (MLflow's import alone takes a second)."""
+    ray_conf, trackers = config.ray_conf, []
+    if ray_conf.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        class MLflowTrials(MLflowLoggerCallback):
+            def log_trial_start(self, trial: Any) -> None:
+                super().log_trial_start(trial)
+                params = trial_config(raw, trial.config)
+                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=params)
+
+            def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+                # MLflow refuses "@" in names (val/t2a_mAP@10 -> val/t2a_mAP_at_10); the result's "config" entry
+                # repeats the sampled values, already parameters
+                renamed = {k.replace("@", "_at_"): v for k, v in result.items() if k != "config"}
+                super().log_trial_result(iteration, trial, renamed)
+
+        uri = ray_conf.mlflow.tracking_uri or mlflow_file_store(ray_conf.storage_path)
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store only on request
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        log.info("MLflow: mlflow ui --backend-store-uri %s", uri)
+        trackers.append(
+            MLflowTrials(
+                tracking_uri=uri,
+                experiment_name=ray_conf.mlflow.experiment_name or config.experiment,
+                tags=dict(ray_conf.mlflow.tags),
+                save_artifact=ray_conf.mlflow.save_artifact,
+            )
+        )
+    if ray_conf.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        class WandbTrials(WandbLoggerCallback):
+            def log_trial_start(self, trial: Any) -> None:
+                # Tune builds wandb.init's arguments from the sampled values, then applies self.kwargs over them:
+                # the resolved config goes in there, per trial (the driver starts trials one at a time)
+                self.kwargs["config"] = trial_config(raw, trial.config)
+                super().log_trial_start(trial)
+
+        wandb = ray_conf.wandb
+        trackers.append(
+            WandbTrials(
+                project=wandb.project or config.experiment,
+                group=wandb.group,
+                api_key_file=wandb.api_key_file,
+                entity=wandb.entity,
+                mode=wandb.mode,
+            )
+        )
+    return trackers
+
+
+def mlflow_file_store(storage_path: str) -> str:
+    """The default MLflow tracking URI: a file store beside the experiments, ``<storage_path>/mlruns``."""
+    return (Path(storage_path).resolve() / "mlruns").as_uri()
 
 
 def make_trainable(raw: dict[str, Any], ray_conf: RayConfig) -> Any:

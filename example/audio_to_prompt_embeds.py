@@ -40,21 +40,18 @@ if __name__ == "__main__":
 import torch
 from safetensors.torch import save_file
 
-from utils.checkpoints import load_trained_model
 from utils.errors import ConfigError
 from utils.experiments import find_model
-from utils.inference import encode_audio_files
-from utils.runtime import resolve_device
+from utils.inference import encode_audio_files, load_for_inference
 
 
 @torch.no_grad()
 def prompt_embeds(model_path: Path, audio_files: list[Path], out: Path, device: str | None = None) -> list[Path]:
     """Write each file's ``(1, L, W)`` ``prompt_embeds`` (safetensors) into ``out``; returns the files written."""
-    model, config = load_trained_model(model_path, torch.device("cpu"), backbones=True)  # the whole audio tower
+    model, config, target = load_for_inference(model_path, device)  # the whole audio tower
     if not model.sequence:
         raise ConfigError(f"{model_path}: model.pooling is not a sequence head: train an audio2img recipe model")
-    target = resolve_device(device or config.device)
-    sequences = encode_audio_files(model.to(target), config, audio_files, target).frames  # (n, L, W)
+    sequences = encode_audio_files(model, config, audio_files, target).frames  # (n, L, W)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, sequence in zip(audio_files, sequences):

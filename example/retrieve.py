@@ -52,10 +52,15 @@ if __name__ == "__main__":
 
 import torch
 
-from utils.checkpoints import load_trained_model
 from utils.experiments import find_model
-from utils.inference import AudioEmbeddings, encode_audio_files, encode_captions, encode_split, score_pairs
-from utils.runtime import resolve_device
+from utils.inference import (
+    AudioEmbeddings,
+    encode_audio_files,
+    encode_captions,
+    encode_split,
+    load_for_inference,
+    score_pairs,
+)
 from utils.tower_stores import check_inputs
 
 
@@ -83,9 +88,7 @@ def retrieve(
     each marked ``[query]`` or ``[gallery]``, and return the ``(n_audio, n_captions)`` cosine scores:
     queries first, then the gallery items that are not queries themselves."""
     # new audio and captions go through the whole towers: frozen backbones too, from their model ids
-    model, config = load_trained_model(model_path, torch.device("cpu"), backbones=True)
-    target = resolve_device(device or config.device)
-    model.to(target)
+    model, config, target = load_for_inference(model_path, device)
     audio = encode_audio_files(model, config, audio_files, target)  # n_files clips
     text = encode_captions(model, config, captions, target)  # (n_captions, E)
     audio_names = [(p.name, "query") for p in audio_files]

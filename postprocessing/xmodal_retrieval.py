@@ -6,7 +6,9 @@ audio-to-text retrieval (``a2t``: the DCASE protocol, recall over all of a clip'
 matrix of ``xmodal_scores.py`` (computed first when missing), prints a table and writes
 ``retrieval_metrics.json`` and ``{split}.t2a_retrieval.csv`` (caption, then the top-10 file
 names) into the experiment folder; ``--per-query`` also writes ``{split}.t2a_ranks.csv``, each
-caption's rank of its clip. With no arguments it evaluates the best model of the newest
+caption's rank of its clip; ``--report`` also writes ``{split}.report.html``, one self-contained page
+(metrics, the search's results, recall@k and rank figures, the best- and worst-ranked captions with their
+top clips, playable). With no arguments it evaluates the best model of the newest
 finished run of the config's experiment on the evaluation split. Also runs as
 ``python -m postprocessing.xmodal_retrieval``.
 """
@@ -24,6 +26,8 @@ if not __package__:  # run as a file: import the project from its root, as `pyth
 
 from utils.cli import add_scoring_arguments, exit_on_input_error, make_parser, setup_logging
 
+REPORT_EXAMPLES = 5  # best- and worst-ranked captions the report shows by default
+
 
 def build_parser() -> argparse.ArgumentParser:
     """This script's command line."""
@@ -32,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rescore", action="store_true", help="recompute the scores even if the scores file exists")
     parser.add_argument(
         "--per-query", action="store_true", help="also write {split}.t2a_ranks.csv: each caption's rank of its clip"
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also write {split}.report.html: metrics, search results, recall@k and rank figures, and the best- "
+        "and worst-ranked captions with their top clips, playable (figures also in {split}.report/)",
+    )
+    parser.add_argument(
+        "--report-examples",
+        type=int,
+        default=REPORT_EXAMPLES,
+        metavar="N",
+        help=f"best- and worst-ranked captions the report shows (default: {REPORT_EXAMPLES})",
     )
     return parser
 
@@ -43,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from postprocessing.report import experiment_folder, write_report
 from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
 from utils.experiments import find_model
@@ -82,11 +100,16 @@ def evaluate(
     rescore: bool = False,
     device: str | None = None,
     per_query: bool = False,
+    *,
+    report: bool = False,
+    report_examples: int = REPORT_EXAMPLES,
 ) -> dict[str, dict[str, float]]:
     """Score ``split`` (default: the model config's eval split) unless its scores file is there already,
     print the metrics table, and write ``retrieval_metrics[_untrained].json`` and the submission CSV
-    (with ``per_query``, each caption's rank of its clip too) into ``out_dir``; returns the metrics."""
-    split = split or read_model_config(model_path).data.eval_split
+    (with ``per_query``, each caption's rank of its clip too; with ``report``, the HTML report showing
+    ``report_examples`` best and worst captions) into ``out_dir``; returns the metrics."""
+    config = read_model_config(model_path) if split is None or report else None
+    split = split or config.data.eval_split
     path = scores_file(out_dir, split, untrained)
     if rescore or not path.is_file():
         path = write_scores(model_path, split, out_dir, untrained, device)
@@ -114,18 +137,46 @@ def evaluate(
         )
         ranks.to_csv(ranks_file, index=False)
         log.info("wrote %s", ranks_file)
+    if report:
+        experiment = experiment_folder(model_path)
+        write_report(
+            out_dir,
+            split,
+            untrained,
+            scores,
+            fnames,
+            captions,
+            caption_audio,
+            metrics,
+            config.data.dataset_dir / split,  # the clips, as the dataset's {split}/ folder holds them
+            str(model_path),
+            experiment,
+            report_examples,
+        )
     return metrics
 
 
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
+    if args.report_examples < 1:
+        parser.error("--report-examples must be at least 1")
     setup_logging()
     torch.set_grad_enabled(False)
     with exit_on_input_error():
         model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         out_dir = args.out_dir or folder
-        evaluate(model_path, out_dir, args.split, args.untrained, args.rescore, args.device, args.per_query)
+        evaluate(
+            model_path,
+            out_dir,
+            args.split,
+            args.untrained,
+            args.rescore,
+            args.device,
+            args.per_query,
+            report=args.report,
+            report_examples=args.report_examples,
+        )
 
 
 if __name__ == "__main__":

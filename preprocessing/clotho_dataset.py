@@ -165,26 +165,31 @@ def main() -> None:
             raise DatasetError(
                 f"data.dataset_dir: {dataset_dir} is not a folder; give --dataset-dir or set it in the config"
             )
-        audio_tables = {}
-        for split in args.splits or data.splits():
-            audio, text, problems = index_split(dataset_dir, split)
-            for line in problems:
-                log.warning(line)
-            if audio.empty:
-                raise DatasetError(f"{split}: no usable clip (see the warnings above); nothing written")
-            write_csv(audio, audio_table(dataset_dir, split))
-            write_csv(text, text_table(dataset_dir, split))
-            audio_tables[split] = audio
-            log.info(
-                "%s: %d clips (%.1f h), %d captions, %d problem(s)",
-                split,
-                len(audio),
-                audio["duration"].sum() / 3600,
-                len(text),
-                len(problems),
-            )
-        for line in shared_names(audio_tables):
+        index_splits(dataset_dir, args.splits or data.splits())
+
+
+def index_splits(dataset_dir: Path, splits: list[str] | tuple[str, ...]) -> None:
+    """Index each split and write its ``{split}_audio.csv`` and ``{split}_text.csv``, with the problems logged."""
+    audio_tables = {}
+    for split in splits:
+        audio, text, problems = index_split(dataset_dir, split)
+        for line in problems:
             log.warning(line)
+        if audio.empty:
+            raise DatasetError(f"{split}: no usable clip (see the warnings above); nothing written")
+        write_csv(audio, audio_table(dataset_dir, split))
+        write_csv(text, text_table(dataset_dir, split))
+        audio_tables[split] = audio
+        log.info(
+            "%s: %d clips (%.1f h), %d captions, %d problem(s)",
+            split,
+            len(audio),
+            audio["duration"].sum() / 3600,
+            len(text),
+            len(problems),
+        )
+    for line in shared_names(audio_tables):
+        log.warning(line)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ Deterministic: the same ``--seed`` writes byte-identical files.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,12 +22,18 @@ if not __package__:  # run as a file: import the project from its root, as `pyth
 import numpy as np
 import pandas as pd
 import soundfile as sf
+from tqdm import tqdm
 
 from utils.cli import make_parser, setup_logging
+
+if TYPE_CHECKING:
+    from utils.config import Config
 
 log = logging.getLogger("demo_dataset")
 
 SPLITS = ("development", "validation", "evaluation")  # Clotho's split names
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"  # conf.yaml's data.dataset_dir
+DEMO_CLIPS = {"development": 300, "validation": 100, "evaluation": 100}
 
 SAMPLE_RATE = 16000
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
@@ -181,13 +189,37 @@ def write_demo_dataset(out_dir: Path, clips_per_split: dict[str, int], seed: int
     for split, n_clips in clips_per_split.items():
         (out_dir / split).mkdir(parents=True, exist_ok=True)
         rows = []
-        for i in range(n_clips):
+        for i in tqdm(range(n_clips), desc=f"demo {split}", unit="clip", leave=False):
             wave, captions = make_clip(rng)
             fname = f"{split[:3]}_scene_{i:04d}.wav"
             sf.write(out_dir / split / fname, wave, SAMPLE_RATE, subtype="PCM_16")
             rows += [{"fname": fname, "raw_text": c, "text": c.lower().rstrip(".").replace(",", "")} for c in captions]
         pd.DataFrame(rows).to_csv(out_dir / f"{split}_captions.csv", index=False)
         log.info("%s: %d clips, %d captions", split, n_clips, len(rows))
+
+
+def prepare_demo(config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: int | None = None) -> None:
+    """Make the demo dataset at ``config.data.dataset_dir`` ready to train on, as ``example/run_demo.sh`` does
+    step by step: write the clips when a captions file is missing, then index them, extract the log-mels
+    (``workers`` processes, default all cores) and embed the captions; each step keeps what is up to date."""
+    # the other steps' modules load librosa, torch and Sentence-BERT: only when the demo is made
+    from preprocessing.audio_logmel import extract_split
+    from preprocessing.clotho_dataset import index_splits
+    from preprocessing.sbert_embeddings import embed_captions
+    from utils.runtime import resolve_device
+    from utils.stores import captions_csv
+    from utils.text import load_sentence_model
+
+    dataset_dir, splits = config.data.dataset_dir, config.data.splits()
+    if not all(captions_csv(dataset_dir, split).is_file() for split in splits):
+        write_demo_dataset(dataset_dir, clips)
+    index_splits(dataset_dir, splits)
+    workers = workers or len(os.sched_getaffinity(0))
+    for split in splits:
+        extract_split(dataset_dir, split, config.features, workers)
+    sentence_model = load_sentence_model(config.text_embeddings.model_name, resolve_device(config.device))
+    for split in splits:
+        embed_captions(dataset_dir, split, sentence_model, config.text_embeddings)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ whose store matches is not redone (--overwrite forces it). Audio work is saved i
 clips ({split}_{store}.parts/), so a rerun after a crash or Ctrl-C continues where it stopped; every file
 is written under a temporary name and renamed when complete. main.py runs this itself (as Ray tasks,
 where the trials' GPUs are) when a store is missing. Log-mel and Sentence-BERT towers need nothing here.
+Without --splits and --dataset-dir the training split of each data.extra_train source is done too.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from utils.errors import AudioError, DatasetError
 from utils.extractors import CaptionTokens, make_extractor
 from utils.runtime import resolve_device
 from utils.stores import TEXT_COLUMNS, atomic_h5, dataset_member, read_table, text_table
-from utils.tower_stores import audio_store, source_ids, store_problem, text_store
+from utils.tower_stores import audio_store, extra_sources, source_ids, store_problem, text_store
 
 log = logging.getLogger("tower_stores")
 
@@ -339,6 +340,10 @@ def main() -> None:
         config = validate(raw_config(args))
         for split in args.splits or config.data.splits():
             prepare_split(config, split, args.device, args.batch_size, args.part_size, args.overwrite)
+        if not args.splits and args.dataset_dir is None:  # the config's own datasets: its extra training data too
+            for source in extra_sources(config):
+                split = source.data.train_split
+                prepare_split(source, split, args.device, args.batch_size, args.part_size, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Every script answers --help, and main.py refuses bad input before Ray starts."""
 
+import importlib.util
 import subprocess
 import sys
 import time
 
 import pytest
 from conftest import REPO_ROOT
+
+from main import check_before_ray
+from utils.config import validate, with_overrides
+from utils.errors import ConfigError
 
 SCRIPTS = [
     "main.py",
@@ -15,9 +20,15 @@ SCRIPTS = [
     "preprocessing/sbert_embeddings.py",
     "preprocessing/tower_stores.py",
     "preprocessing/cnn14_transfer.py",
+    "preprocessing/keywords_to_captions.py",
+    "preprocessing/hf_dataset.py",
     "postprocessing/xmodal_scores.py",
     "postprocessing/xmodal_retrieval.py",
+    "postprocessing/zero_shot.py",
     "example/retrieve.py",
+    "example/index.py",
+    "example/search.py",
+    "example/search_app.py",
 ]
 
 
@@ -127,3 +138,10 @@ def test_a_missing_cnn14_weight_file_names_its_key_and_the_command_that_makes_it
         f"model.audio_enc.weight: {missing} not found; make it from the PANNs checkpoint with: python "
         f"preprocessing/cnn14_transfer.py --checkpoint Cnn14_mAP=0.431.pth --output {missing}"
     )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_without_its_package_is_one_line_before_ray(tiny_raw):
+    config = validate(with_overrides(tiny_raw, {"ray_conf.wandb": {"project": "p"}}))
+    with pytest.raises(ConfigError, match=r"^ray_conf.wandb: .*pip install wandb"):
+        check_before_ray(config, joins_cluster=False)

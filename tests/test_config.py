@@ -6,7 +6,7 @@ from conftest import REPO_ROOT
 from models import AUDIO_ENCODERS
 from models.registry import StrictModel
 from utils.config import load_config, load_raw, validate, validate_search_space, with_overrides
-from utils.config_files import parse_override
+from utils.config_files import flatten, parse_override
 from utils.errors import ConfigError
 
 CONF = REPO_ROOT / "conf.yaml"
@@ -152,3 +152,21 @@ def test_signed_and_exponent_numbers_and_a_missing_section_named():
         validate_section({"data": None}, "data", DataConfig)
     with pytest.raises(ConfigError, match=r"experiment: String should match pattern"):
         load_config(CONF, ["experiment=a/b"])
+
+
+def test_trackers_are_checked_before_ray():
+    config, _ = load_config(REPO_ROOT / "conf.yaml", ["ray_conf.mlflow={}", "ray_conf.wandb={project: p}"])
+    assert config.ray_conf.mlflow.tracking_uri is None and config.ray_conf.wandb.mode == "offline"
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri must be given when storage_path is a URI"):
+        load_config(REPO_ROOT / "conf.yaml", ["ray_conf.mlflow={}", "ray_conf.storage_path=s3://bucket/runs"])
+    with pytest.raises(ConfigError, match=r"ray_conf\.wandb\.mode"):
+        load_config(REPO_ROOT / "conf.yaml", ["ray_conf.wandb={mode: cloud}"])
+
+
+def test_flatten_gives_every_value_its_dotted_key():
+    assert flatten({"a": {"b": 1, "c": {"d": [2, 3]}}, "e": {}, "f": "x"}) == {
+        "a.b": 1,
+        "a.c.d": [2, 3],
+        "e": {},
+        "f": "x",
+    }

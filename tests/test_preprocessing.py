@@ -1,3 +1,4 @@
+import functools
 import hashlib
 
 import h5py
@@ -9,8 +10,10 @@ from conftest import REPO_ROOT, index_dataset
 
 from preprocessing.audio_logmel import extract_split
 from preprocessing.clotho_dataset import index_split
-from preprocessing.demo_dataset import write_demo_dataset
+from preprocessing.demo_dataset import prepare_demo, write_demo_dataset
 from utils.audio import FeatureConfig
+from utils.config import load_config
+from utils.errors import ConfigError
 from utils.stores import LogmelStore, logmel_file, read_text_embeds, text_embeds_file
 from utils.text import TextEmbeddingConfig, normalise_caption
 
@@ -120,3 +123,25 @@ def test_clotho_release_captions_are_read_as_downloaded(tmp_path):
         "clotho_captions_development.csv line 2 caption_3: empty caption for 'b (1) &amp; c.wav'; dropped",
         "clotho_captions_development.csv line 2 caption_5: repeats line 2 caption_1 ('b (1) &amp; c.wav'); dropped",
     ]
+
+
+def test_a_first_main_run_prepares_the_missing_demo_dataset_itself(tmp_path, monkeypatch):
+    import main
+
+    demo = tmp_path / "demo"
+    monkeypatch.setattr(main, "DEMO_DIR", demo)  # conf.yaml's data/demo, here a smaller one in tmp_path
+    small = {"development": 4, "validation": 2, "evaluation": 2}
+    monkeypatch.setattr(main, "prepare_demo", functools.partial(prepare_demo, clips=small, workers=1))
+    config, _ = load_config(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={demo}", "device=cpu"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        main.check_before_ray(config, joins_cluster=False)
+    main.prepare_demo_if_missing(config)
+    main.check_before_ray(config, joins_cluster=False)  # every store the search reads is there now
+    assert len(read_text_embeds(text_embeds_file(demo, "development"))[0]) == 4 * 5
+    assert LogmelStore(logmel_file(demo, "evaluation")).fids.tolist() == [0, 1]
+
+    monkeypatch.setattr(main, "prepare_demo", lambda config: pytest.fail("the demo is ready: nothing to redo"))
+    main.prepare_demo_if_missing(config)
+    other, _ = load_config(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={tmp_path / 'clotho'}"])
+    main.prepare_demo_if_missing(other)  # any other dataset is the user's to prepare
+    assert not (tmp_path / "clotho").exists()

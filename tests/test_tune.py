@@ -24,6 +24,7 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
             "param_conf.num_epochs": 2,
             "ray_conf.num_to_keep": 1,
             "ray_conf.search_space": {"optimizer.lr": {"grid": [0.003, 0.0001]}},
+            "ray_conf.mlflow": {"tags": {"team": "audio"}},  # the default: a local file store beside the runs
         },
     )
     experiment = run_experiment(validate(raw), raw)
@@ -45,6 +46,7 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
         assert progress["epoch"].tolist() == [1, 2]
     trial_progress = pd.concat(pd.read_csv(t / "progress.csv") for t in trials)
     assert best["value"] == pytest.approx(trial_progress["val/t2a_mAP@10"].max())
+    check_mlflow_runs(tmp_path / "runs" / "mlruns", raw, trial_progress)
 
     run = subprocess.run(
         [
@@ -108,6 +110,23 @@ def test_two_trial_search_writes_best_json_and_is_scored(tiny_raw, tiny_dataset,
     assert retrieve(Path(best["model"]), [member], [caption], "validation", 12, "cpu").shape == (12, 60)
     printed = capsys.readouterr().out
     assert f"[query]  {member.name}" in printed and f"[gallery]  {member.name}" not in printed  # listed once
+
+
+def check_mlflow_runs(store: Path, raw: dict, progress: pd.DataFrame) -> None:
+    """One MLflow run per trial, with the trial's whole resolved config and every epoch's metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name(raw["experiment"]).experiment_id])
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    lrs = sorted(float(run.data.params["optimizer.lr"]) for run in runs)
+    assert lrs == [0.0001, 0.003]
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        assert params["model.embed_dim"] == "16" and params["param_conf.num_epochs"] == "2" and tags["team"] == "audio"
+        history = client.get_metric_history(run.info.run_id, "val/t2a_mAP_at_10")
+        assert [m.step for m in history] == [1, 2]
+        assert progress["val/t2a_mAP@10"].round(6).isin([round(m.value, 6) for m in history]).sum() == 2
 
 
 def test_every_config_search_kind_maps_to_a_ray_domain():

@@ -97,6 +97,36 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+SEARCH_BACKENDS = ("auto", "torch", "faiss", "usearch")  # utils.vector_index.BACKENDS (a test keeps them equal)
+
+
+def add_index_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """What searching a collection index takes (``example/search.py``, ``example/search_app.py``): the index, the
+    text-aware shortlist, the vector-search backend and the model, by default the one that made the index."""
+    parser.add_argument("--index", type=Path, required=True, help="index file written by example/index.py")
+    parser.add_argument(
+        "--shortlist",
+        type=positive_int,
+        default=100,
+        help="text-aware heads: files shortlisted by their mean-pooled vectors, then re-ranked (default: 100)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=SEARCH_BACKENDS,
+        default="auto",
+        help="exact vector search by torch, faiss or usearch (default: auto, faiss or usearch when installed)",
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(config=None)  # no --best, --checkpoint, --experiment or --config: the index's model
+
+
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
     """For command-line scripts: bad input or a file that cannot be read or written ends the process

@@ -200,6 +200,26 @@ class PlateauStopperConfig(StrictModel):
     grace_period: PositiveInt = 3
 
 
+class MLflowConfig(StrictModel):
+    """Each trial as an MLflow run (Ray Tune's ``MLflowLoggerCallback``): its resolved config as parameters,
+    its metrics per epoch (``@`` written ``_at_``: MLflow refuses ``@`` in names)."""
+
+    tracking_uri: str | None = None  # null: a local file store, <storage_path>/mlruns; or http://host:5000
+    experiment_name: str | None = None  # null: the config's experiment
+    tags: dict[str, str] = {}
+    save_artifact: bool = False  # also copy each trial's folder (its checkpoints too) into the run's artifacts
+
+
+class WandbConfig(StrictModel):
+    """Each trial as a Weights & Biases run (Ray Tune's ``WandbLoggerCallback``; needs ``pip install wandb``)."""
+
+    project: str | None = None  # null: the config's experiment
+    entity: str | None = None  # team or user; null: the account's default
+    group: str | None = None  # null: the experiment folder's name
+    mode: Literal["offline", "online"] = "offline"  # offline: no account needed; `wandb sync` uploads later
+    api_key_file: str | None = None  # online without `wandb login`: a file holding the API key
+
+
 class RayConfig(StrictModel):
     """How Ray Tune runs the trials; only ``main.py`` reads this section."""
 
@@ -219,6 +239,8 @@ class RayConfig(StrictModel):
     search_alg: Literal["random", "optuna"] = "random"  # random/grid sampling, or Optuna's TPE
     scheduler: TrialSchedulerConfig  # no default: how trials are stopped is each experiment's choice
     plateau_stopper: PlateauStopperConfig | None = None
+    mlflow: MLflowConfig | None = None  # e.g. {} for a local file store
+    wandb: WandbConfig | None = None  # e.g. {project: audio-retrieval}
     # no default: what to search is each experiment's choice; null (or {}) runs one trial with the file's values
     search_space: SearchSpace | None
 
@@ -241,6 +263,15 @@ class RayConfig(StrictModel):
         if self.scheduler.name == "PBT" and self.num_to_keep < 3:
             raise ValueError(
                 f"scheduler PBT needs num_to_keep >= 3 so the checkpoints it clones still exist, got {self.num_to_keep}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mlflow_file_store_needs_a_folder(self) -> RayConfig:
+        if self.mlflow is not None and self.mlflow.tracking_uri is None and "://" in self.storage_path:
+            raise ValueError(
+                f"mlflow.tracking_uri must be given when storage_path is a URI ({self.storage_path}): the default "
+                "MLflow file store lives in a local storage_path"
             )
         return self
 

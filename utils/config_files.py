@@ -85,6 +85,17 @@ def get_path(raw: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [2]}`` -> ``{"a.b": 1, "c": [2]}``: every value by its dotted key (lists are values)."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def key_path(loc: tuple[str | int, ...], raw: Any) -> str:
     """A pydantic error location as the dotted key a user wrote.
 
@@ -167,6 +178,10 @@ def load_raw(
     for dotted in _PATH_KEYS:
         if isinstance(get_path(raw, dotted), str):
             set_path(raw, dotted, absolute(get_path(raw, dotted)))
+    extra_train = get_path(raw, "data.extra_train")
+    for source in extra_train if isinstance(extra_train, list) else []:  # more training datasets' folders
+        if isinstance(source, dict) and isinstance(source.get("dataset_dir"), str):
+            source["dataset_dir"] = absolute(source["dataset_dir"])
     for dotted in _MODEL_ID_KEYS:
         value = get_path(raw, dotted)
         if isinstance(value, str) and (config_path.parent / Path(value).expanduser()).is_dir():

@@ -8,7 +8,8 @@ What a tower reads depends on the tower (``audio_source``, ``text_source``):
   captions tokenised here, in the data loader (``CaptionTokenSource``).
 
 A batch is ``{"audio": {...}, "text": {...}, "audio_ids": (B,)}``; the two inner dicts are the towers'
-keyword inputs (``DualEncoderModel.forward``).
+keyword inputs (``DualEncoderModel.forward``). Training reads the training split of ``data.dataset_dir`` and of
+every ``data.extra_train`` source (``TrainingPairs``), each from its own stores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from models.text_encoders import TEXT_ENCODERS
 from utils.audio import CropConfig, clip_views
@@ -34,7 +35,7 @@ from utils.stores import (
     text_embeds_file,
     text_table,
 )
-from utils.tower_stores import audio_store, is_pretrained, open_store, text_store
+from utils.tower_stores import audio_store, extra_sources, is_pretrained, open_store, text_store
 
 
 def pad_logmels(logmels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,12 +184,14 @@ def usable_captions(config: Config, split: str, audio: AudioSource, text: TextSo
 
 
 class CaptionPairs(Dataset):
-    """One item per caption of ``split``: ``(audio item, text item, fid)``; captions whose clip or vector is
-    missing from the stores (dropped by preprocessing) are left out, so they cannot crash training."""
+    """One item per caption of ``split``: ``(audio item, text item, clip id)``, the clip id being the clip's
+    ``fid`` plus ``id_offset``; captions whose clip or vector is missing from the stores (dropped by
+    preprocessing) are left out, so they cannot crash training."""
 
-    def __init__(self, config: Config, split: str) -> None:
+    def __init__(self, config: Config, split: str, id_offset: int = 0) -> None:
         self.audio, self.text = audio_source(config, split), text_source(config, split)
         table = usable_captions(config, split, self.audio, self.text)
+        self.id_offset = id_offset
         self.fids = table["fid"].to_numpy(np.int64)
         self.cids = table["cid"].to_numpy(np.int64)
         self.captions = table[config.text_embeddings.caption_column].astype(str).tolist()
@@ -201,7 +204,11 @@ class CaptionPairs(Dataset):
         if self.rng is None:  # per process: DataLoader workers get their own torch seeds
             self.rng = np.random.default_rng(torch.initial_seed() % 2**32)
         fid = int(self.fids[i])
-        return self.audio.sample(fid, self.rng), self.text.get(int(self.cids[i]), self.captions[i]), fid
+        return (
+            self.audio.sample(fid, self.rng),
+            self.text.get(int(self.cids[i]), self.captions[i]),
+            fid + self.id_offset,
+        )
 
     def collate(self, items: list[tuple[Any, Any, int]]) -> dict[str, Any]:
         """Batch items into the towers' inputs and the clip ids ``(B,)``."""
@@ -213,13 +220,27 @@ class CaptionPairs(Dataset):
         }
 
 
+class TrainingPairs(ConcatDataset):
+    """The training pairs of ``data.dataset_dir`` then of each ``data.extra_train`` source, one ``CaptionPairs``
+    per dataset read from its own stores. Clip ids are offset per source, past the ids of the sources before it,
+    so that two datasets' clips never share one: the loss takes rows with the same clip id as positives."""
+
+    def __init__(self, config: Config) -> None:
+        parts = [CaptionPairs(config, config.data.train_split)]
+        for source in extra_sources(config):
+            end = parts[-1].id_offset + max(parts[-1].audio.fids, default=-1) + 1  # past the last source's ids
+            parts.append(CaptionPairs(source, source.data.train_split, id_offset=end))
+        super().__init__(parts)
+        self.collate = parts[0].collate  # every source feeds the same towers
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """``batch`` with every tensor, at any depth of its dicts, on ``device``."""
     return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def pair_loader(
-    dataset: CaptionPairs,
+    dataset: CaptionPairs | TrainingPairs,
     batch_size: int,
     shuffle: bool,
     seed: int,

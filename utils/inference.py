@@ -12,15 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from models.dual_encoder import DualEncoderModel
+from models.pooling import masked_mean
 from utils.audio import clip_views, load_audio, logmel
+from utils.checkpoints import load_trained_model
 from utils.config import Config
 from utils.data import audio_source, pad_logmels, text_source, to_device, usable_captions
 from utils.extractors import CaptionTokens, make_extractor
+from utils.runtime import resolve_device
 from utils.stores import AUDIO_COLUMNS, audio_table, read_table
 from utils.text import load_sentence_model
 from utils.tower_stores import is_pretrained
 
 TEXT_BATCH = 1024  # captions per text-tower call for precomputed vectors: a projection, cheap at any width
+# the Sentence-BERT model that queries go through, loaded once per process (a search app embeds every query)
+cached_sentence_model = functools.lru_cache(maxsize=1)(load_sentence_model)
 
 
 @dataclass
@@ -42,6 +47,11 @@ class AudioEmbeddings:
 
     def to(self, device: torch.device) -> AudioEmbeddings:
         return AudioEmbeddings(self.frames.to(device), self.lengths.to(device))
+
+    def pooled(self) -> torch.Tensor:
+        """``(n, E)`` unit vectors, each clip's normalised mean frame: a clip's own vector when T = 1, and for a
+        text-aware head's frames the caption-free summary that a search shortlists clips by."""
+        return F.normalize(masked_mean(self.frames, self.lengths), dim=-1)
 
     @staticmethod
     def of_views(model: DualEncoderModel, views: list[torch.Tensor], clip: list[int], n: int) -> AudioEmbeddings:
@@ -148,19 +158,27 @@ def encode_split(
     )
 
 
-@torch.no_grad()
-def encode_audio_files(
-    model: DualEncoderModel, config: Config, paths: list[Path], device: torch.device
-) -> AudioEmbeddings:
-    """New audio files -> their ``AudioEmbeddings``: each file decoded and seen as the config's evaluation views
-    (log-mels for a CNN, the tower's own extractor for a ``transformers`` tower, whose backbone the model must
-    hold), the views combined as in ``encode_split``."""
+def load_for_inference(path: Path, device: str | None = None) -> tuple[DualEncoderModel, Config, torch.device]:
+    """The trained model of an export folder or checkpoint with its frozen backbones (new audio and text go through
+    the whole towers), its config, and the device it was moved to (``device``, default: its config's)."""
+    model, config = load_trained_model(path, torch.device("cpu"), backbones=True)
+    target = resolve_device(device or config.device)
+    return model.to(target), config, target
+
+
+def audio_file_encoder(
+    model: DualEncoderModel, config: Config, device: torch.device
+) -> Callable[[Path], list[torch.Tensor]]:
+    """A function from one new audio file to its evaluation views' ``audio_frames`` ``(T_v, E)`` (on the CPU): the
+    file decoded and seen as the config's evaluation views, through log-mels for a CNN or the tower's own extractor
+    for a ``transformers`` tower, whose backbone the model must hold. Unusable files raise ``AudioError``."""
     model.eval()
     tower = config.model.audio_enc
     extractor = make_extractor(tower) if is_pretrained(tower) else None
     rate = extractor.sample_rate if extractor else config.features.sample_rate
-    embeds, clip = [], []
-    for row, path in enumerate(paths):
+
+    @torch.no_grad()
+    def encode(path: Path) -> list[torch.Tensor]:
         wave = load_audio(path, rate, config.features.max_seconds)
         if extractor is None:
             frames = logmel(wave, config.features, name=str(path))
@@ -170,7 +188,22 @@ def encode_audio_files(
         else:
             views = clip_views(wave, rate, config.crops, False, np.random.default_rng(0))
             batch = extractor.collate([extractor.extract(view, seed=k, train=False) for k, view in enumerate(views)])
-        embeds += embed_views(model, batch, device)
+        return embed_views(model, batch, device)
+
+    return encode
+
+
+@torch.no_grad()
+def encode_audio_files(
+    model: DualEncoderModel, config: Config, paths: list[Path], device: torch.device
+) -> AudioEmbeddings:
+    """New audio files -> their ``AudioEmbeddings`` (each file as ``audio_file_encoder`` sees it), the views
+    combined as in ``encode_split``."""
+    encode = audio_file_encoder(model, config, device)
+    embeds, clip = [], []
+    for row, path in enumerate(paths):
+        views = encode(path)
+        embeds += views
         clip += [row] * len(views)
     return AudioEmbeddings.of_views(model, embeds, clip, len(paths))
 
@@ -184,5 +217,5 @@ def encode_captions(model: DualEncoderModel, config: Config, captions: list[str]
     tower = config.model.text_enc
     if is_pretrained(tower):
         return model.encode_text(**to_device(CaptionTokens(tower)(embedded), device))
-    sentence_model = load_sentence_model(config.text_embeddings.model_name, device)
+    sentence_model = cached_sentence_model(config.text_embeddings.model_name, device)
     return model.encode_text(torch.from_numpy(sentence_model.encode(embedded, convert_to_numpy=True)).to(device))

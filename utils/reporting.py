@@ -10,6 +10,9 @@ import pandas as pd
 
 from utils.config_files import describe
 
+RESULTS_TABLE = "results.csv"  # an experiment's trials, one row each, best first
+SEARCH_PLOT = "search.png"  # its selection metric per epoch, one line per trial
+
 
 @dataclass
 class TrialHistory:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 import pandas as pd
+from pydantic import model_validator
 
 from models.registry import StrictModel
 from utils.errors import DatasetError
@@ -41,17 +42,42 @@ TEXT_COLUMNS = ("cid", "fid", "fname", "raw_text", "text")
 NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS and NTFS
 
 
+class TrainSource(StrictModel):
+    """One more dataset for training (an entry of ``data.extra_train``): a Clotho-layout folder, preprocessed by
+    the same scripts with the same config, and the split of it whose clips and captions join training."""
+
+    dataset_dir: Path
+    split: str = "development"
+
+
 class DataConfig(StrictModel):
-    """The ``data`` section: a Clotho-layout dataset folder and its split names."""
+    """The ``data`` section: a Clotho-layout dataset folder and its split names, and more training data."""
 
     dataset_dir: Path
     train_split: str = "development"
     val_split: str = "validation"  # trials are selected on this split
     eval_split: str = "evaluation"  # only post-processing reads it
+    # other datasets whose clips and captions join the training split (Clotho + converted tags, ...); validation
+    # and evaluation stay on dataset_dir's splits
+    extra_train: list[TrainSource] = []
 
     def splits(self) -> list[str]:
         """Training, validation and evaluation split names: what preprocessing does by default."""
         return [self.train_split, self.val_split, self.eval_split]
+
+    @model_validator(mode="after")
+    def _extra_sources_are_new_training_data(self) -> DataConfig:
+        # the same split twice would weigh its captions double; a held-out split in training leaks it
+        main = self.dataset_dir.resolve()
+        named = {(main, getattr(self, key)): key for key in ("eval_split", "val_split", "train_split")}
+        for i, source in enumerate(self.extra_train):
+            key = (source.dataset_dir.resolve(), source.split)
+            if key in named:
+                raise ValueError(
+                    f"extra_train[{i}] is the {source.split!r} split of {source.dataset_dir}, already data.{named[key]}"
+                )
+            named[key] = f"extra_train[{i}]"
+        return self
 
 
 def captions_csv(dataset_dir: Path, split: str) -> Path:
@@ -155,6 +181,14 @@ def write_csv(table: pd.DataFrame, target: Path) -> None:
     """Write ``table`` to ``target`` as a CSV, atomically (``atomic_path``)."""
     with atomic_path(target) as partial_file:
         table.to_csv(partial_file, index=False)
+
+
+def write_caption_rows(rows: list[tuple[str, str]], dataset_dir: Path, split: str) -> pd.DataFrame:
+    """Write ``{split}_captions.csv`` one caption per row (``fname,raw_text``, the form ``clotho_dataset.py`` reads
+    with any number of captions per clip) from ``(file name, caption)`` rows; returns the table."""
+    table = pd.DataFrame(rows, columns=["fname", "raw_text"])
+    write_csv(table, captions_csv(dataset_dir, split))
+    return table
 
 
 @contextmanager

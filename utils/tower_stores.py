@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 
 from models.hf_audio import pools_first
-from utils.errors import DatasetError
+from utils.errors import ConfigError, DatasetError
 from utils.stores import (
     AUDIO_COLUMNS,
     TEXT_COLUMNS,
@@ -174,3 +174,21 @@ def check_inputs(config: Config, split: str, missing_ok: bool = False) -> None:
     if not is_pretrained(config.model.text_enc):
         check_caption_embeddings(data.dataset_dir, split, config.text_embeddings)
     check_tower_stores(config, split, missing_ok)
+
+
+def extra_sources(config: Config) -> list[Config]:
+    """One config per ``data.extra_train`` entry: its folder as ``data.dataset_dir`` and its split as the training
+    split (with no sources of its own), so that whatever takes a config and a split reads that dataset's tables
+    and stores, with the same features and towers. A folder or split that is not there is a ``ConfigError``."""
+    sources = []
+    for i, source in enumerate(config.data.extra_train):
+        folder, split = source.dataset_dir, source.split
+        if not folder.is_dir():
+            raise ConfigError(f"data.extra_train[{i}].dataset_dir: {folder} does not exist or is not a folder")
+        if not (folder / split).is_dir() and not audio_table(folder, split).is_file():
+            raise ConfigError(
+                f"data.extra_train[{i}].split: {folder} has neither a {split}/ folder nor {split}_audio.csv"
+            )
+        data = config.data.model_copy(update={"dataset_dir": folder, "train_split": split, "extra_train": []})
+        sources.append(config.model_copy(update={"data": data}))
+    return sources

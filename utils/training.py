@@ -18,12 +18,12 @@ from models.losses import LOSSES
 from models.weights import load_weights
 from utils.checkpoints import build_model, load_checkpoint, model_inputs, save_checkpoint
 from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
-from utils.data import CaptionPairs, pair_loader, to_device
+from utils.data import CaptionPairs, TrainingPairs, pair_loader, to_device
 from utils.distributed import gather_ids, gather_pairs, world
 from utils.inference import encode_split
 from utils.metrics import flatten_metrics, retrieval_metrics, sequence_metrics
 from utils.runtime import resolve_device, seed_everything
-from utils.tower_stores import check_inputs
+from utils.tower_stores import check_inputs, extra_sources
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,12 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     world_size, rank = world()
     for split in (data.train_split, data.val_split):
         check_inputs(config, split)
+    for source in extra_sources(config):  # each data.extra_train dataset, read from its own stores
+        check_inputs(source, source.data.train_split)
     if params.precision != "fp32" and device.type != "cuda":
         log.warning("param_conf.precision %s applies on CUDA only; training in fp32 on %s", params.precision, device)
     train_loader = pair_loader(
-        CaptionPairs(config, data.train_split),
+        TrainingPairs(config),  # the training split, and that of every data.extra_train source
         params.batch_size // world_size,
         shuffle=True,
         seed=config.seed,
