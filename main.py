@@ -180,12 +180,8 @@ def prepare_demo_if_missing(config: Config) -> None:
     data = config.data
     if data.dataset_dir.resolve() != DEMO_DIR:
         return
-    needed = [
-        path
-        for split in data.splits()
-        for path in (audio_table(DEMO_DIR, split), logmel_file(DEMO_DIR, split), text_embeds_file(DEMO_DIR, split))
-    ]
-    if all(path.is_file() for path in needed):
+    stores = (audio_table, text_table, logmel_file, text_embeds_file)
+    if all(store(DEMO_DIR, split).is_file() for split in data.splits() for store in stores):
         return
     log.info("the demo dataset %s is not ready: generating and preprocessing it (about a minute on 2 cores)", DEMO_DIR)
     start = time.perf_counter()
@@ -596,8 +592,9 @@ def make_trackers(config: Config, raw: dict[str, Any]) -> list[tune.Callback]:
 
         class MLflowTrials(MLflowLoggerCallback):
             def log_trial_start(self, trial: Any) -> None:
-                super().log_trial_start(trial)
-                params = trial_config(raw, trial.config)
+                super().log_trial_start(trial)  # logs the sampled values as Tune drew them (0 for a float's 0.0)
+                # MLflow refuses a parameter logged twice with another spelling: the rest of the config only
+                params = {k: v for k, v in trial_config(raw, trial.config).items() if k not in trial.config}
                 self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=params)
 
             def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
@@ -629,6 +626,8 @@ def make_trackers(config: Config, raw: dict[str, Any]) -> list[tune.Callback]:
                 super().log_trial_start(trial)
 
         wandb = ray_conf.wandb
+        if wandb.mode == "offline":  # Tune asks for an API key unless the environment says offline
+            os.environ["WANDB_MODE"] = "offline"
         trackers.append(
             WandbTrials(
                 project=wandb.project or config.experiment,

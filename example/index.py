@@ -164,10 +164,14 @@ def build_index(
 def start_partial(existing: Path | None, index: Path, partial: Path, info: IndexInfo) -> None:
     """Make ``partial`` the file this run appends to: a new index, a copy of the finished ``index`` (which stays
     whole until this run is), or (``existing`` is ``partial``) what a run that stopped left there."""
-    if existing is None:
-        create_index(partial, info)
-    elif existing == index:
-        shutil.copyfile(index, partial)
+    if existing is None or existing == index:
+        # made whole under another name first: a run killed while copying leaves no partial index to resume
+        staging = partial.with_name(partial.name + ".tmp")
+        if existing is None:
+            create_index(staging, info)
+        else:
+            shutil.copyfile(index, staging)
+        staging.replace(partial)
 
 
 def write_batch(writer: IndexWriter, model: DualEncoderModel, views: dict[str, list[torch.Tensor]]) -> None:

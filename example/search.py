@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -140,9 +141,13 @@ class CollectionSearch:
         return self.hits(*self.vectors.search(vectors, top, exclude))
 
     def member(self, path: Path) -> str | None:
-        """``path``'s name in the index (relative to the indexed folder) if it lies under that folder, else None."""
-        path = Path(path).resolve()
-        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else None
+        """``path``'s name in the index (relative to the indexed folder) if it is an indexed file, else None."""
+        # as written first: a linked clip (keywords_to_captions.py links them) is indexed under the link's name
+        for candidate in (Path(os.path.abspath(path)), Path(path).resolve()):
+            name = candidate.relative_to(self.root).as_posix() if candidate.is_relative_to(self.root) else None
+            if name in self.rows:
+                return name
+        return None
 
     def hits(self, values: torch.Tensor, rows: torch.Tensor) -> list[Hits]:
         """Scores and rows ``(m, k)`` -> each query's (file name, score) list; rows left out (``-inf``) dropped."""

@@ -30,6 +30,11 @@ if not __package__:  # run as a file: import the project from its root, as `pyth
 from utils.cli import add_index_search_arguments, exit_on_input_error, make_parser, setup_logging
 
 MAX_RESULTS = 100
+LOOPBACK_NAMES = {
+    "127.0.0.1",
+    "localhost",
+    "::1",
+}  # the Host names a local page is reached by (urlsplit unbrackets ::1)
 log = logging.getLogger(__name__)
 
 PAGE = """<!doctype html>
@@ -135,9 +140,15 @@ def make_server(search: CollectionSearch, host: str, port: int, shortlist: int =
     and at ``/audio?f=NAME`` an indexed file, looked up by its indexed name (never a path from the request)."""
     lock = threading.Lock()  # one query at a time through the model
     root = search.root.resolve()
+    # Bound to this machine, the page answers only requests addressed to it by a loopback name: a web page that
+    # rebinds its own domain to 127.0.0.1 (DNS rebinding) sends its own host name and is refused.
+    hosts = LOOPBACK_NAMES if only_this_machine(host) else None
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if hosts is not None and urlsplit(f"//{self.headers.get('Host', '')}").hostname not in hosts:
+                self.reply(403, b"this page answers requests for 127.0.0.1 or localhost only\n", "text/plain")
+                return
             url = urlsplit(self.path)
             params = {key: values[0] for key, values in parse_qs(url.query).items()}
             if url.path == "/":
@@ -160,8 +171,10 @@ def make_server(search: CollectionSearch, host: str, port: int, shortlist: int =
             self.send_json(200, {"query": query, "results": results})
 
         def send_audio(self, name: str) -> None:
-            path = root / name if name in search.rows else None  # only indexed names; and none that leaves the root
-            if path is None or not path.resolve().is_relative_to(root) or not path.is_file():
+            # only indexed names, and none that climbs out of the root (a linked clip is served: its name is indexed)
+            indexed = name in search.rows and ".." not in Path(name).parts and not Path(name).is_absolute()
+            path = root / name if indexed else None
+            if path is None or not path.is_file():
                 self.reply(404, b"not an indexed file\n", "text/plain; charset=utf-8")
                 return
             self.send_response(200)

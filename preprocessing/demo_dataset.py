@@ -214,7 +214,7 @@ def prepare_demo(config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: in
     if not all(captions_csv(dataset_dir, split).is_file() for split in splits):
         write_demo_dataset(dataset_dir, clips)
     index_splits(dataset_dir, splits)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     for split in splits:
         extract_split(dataset_dir, split, config.features, workers)
     sentence_model = load_sentence_model(config.text_embeddings.model_name, resolve_device(config.device))

@@ -110,6 +110,8 @@ def select_columns(dataset: Any, source: str, audio_column: str, text_column: st
 
 def captions_of(value: Any, text_column: str, index: int) -> list[str]:
     """An item's captions: its text (a string or a list of strings), stripped, the empty ones left out."""
+    if value is None:  # no text: the item is skipped with a warning, as one with only blank text
+        return []
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list | tuple) or not all(isinstance(text, str) for text in texts):
         raise InputError(

@@ -366,6 +366,12 @@ def test_the_page_finds_and_plays_indexed_files_and_serves_nothing_else(plain_in
         assert status("/api/search?q=&k=3")[0] == 400 and status("/api/search?q=hum&k=1000")[0] == 400
         code, body = status("/api/search?q=hum&k=3")
         assert code == 200 and len(json.loads(body)["results"]) == 3
+        # a page that rebinds its own domain to 127.0.0.1 reaches the port under its own name: refused
+        rebound = urllib.request.Request(url + "/api/search?q=hum&k=3", headers={"Host": "attacker.example:80"})
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(rebound, timeout=30)
+        local = urllib.request.Request(url + "/", headers={"Host": f"localhost:{server.server_address[1]}"})
+        assert urllib.request.urlopen(local, timeout=30).status == 200
     finally:
         server.shutdown()
         server.server_close()

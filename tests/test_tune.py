@@ -1,6 +1,7 @@
 """A real Ray Tune run of two tiny trials, then postprocessing of its best checkpoint."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from conftest import REPO_ROOT
 
 from example.retrieve import retrieve
-from main import run_experiment
+from main import make_trackers, run_experiment
 from postprocessing.xmodal_retrieval import evaluate
 from utils.config import validate, with_overrides
 
@@ -146,3 +147,26 @@ def test_every_config_search_kind_maps_to_a_ray_domain():
     assert space["a"].sample() in (1, 2) and space["b"] == {"grid_search": [1, 2]}
     assert 0 <= space["c"].sample() <= 1 and 1e-4 <= space["d"].sample() <= 1e-2 and 1 <= space["e"].sample() < 5
     assert space["f"].sample() in (0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_wandb_runs_offline_without_an_account_with_each_trials_whole_config(tiny_raw, monkeypatch):
+    """Without the wandb package here: Tune's callback with a stand-in module, up to the run it would start."""
+    import types
+
+    import ray.air.integrations.wandb as tune_wandb
+
+    monkeypatch.setattr(tune_wandb, "wandb", types.SimpleNamespace(__name__="wandb"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    raw = with_overrides(tiny_raw, {"ray_conf.wandb": {"project": "audio", "entity": "lab"}})
+    (tracker,) = make_trackers(validate(raw), raw)
+    assert os.environ["WANDB_MODE"] == "offline"  # Tune asks for no API key then
+    tune_wandb._set_api_key(tracker.api_key_path)  # what Tune checks before the first trial: no key, no error
+
+    started = {}
+    monkeypatch.setattr(tracker, "_start_logging_actor", lambda trial, exclude, **init: started.update(init))
+    trial = types.SimpleNamespace(config={"optimizer.lr": 0.003}, trial_id="t1", experiment_dir_name="demo_x")
+    tracker.log_trial_start(trial)
+    assert started["project"] == "audio" and started["entity"] == "lab" and started["mode"] == "offline"
+    assert started["config"]["optimizer.lr"] == 0.003 and started["config"]["model.embed_dim"] == 16
+    assert started["group"] == "demo_x" and started["id"] == "t1"
