@@ -20,7 +20,7 @@ py=.venv/bin/python
 # main.py generates and preprocesses data/demo itself when it is missing (logging how long that took), as
 # preprocessing/demo_dataset.py, clotho_dataset.py, audio_logmel.py and sbert_embeddings.py would one by one
 $py main.py
-lap "data, preprocessing and tuning"
+lap "demo data and tuning"
 $py postprocessing/xmodal_retrieval.py --untrained
 $py postprocessing/xmodal_retrieval.py --report
 lap scoring
