@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,13 @@ from transformers import AutoConfig
 from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
 from preprocessing.demo_dataset import DEMO_DIR, prepare_demo
-from preprocessing.tower_stores import finish_audio_store, plan_audio_store, write_audio_parts, write_text_store
+from preprocessing.tower_stores import (
+    finish_audio_store,
+    plan_audio_store,
+    store_lock,
+    write_audio_parts,
+    write_text_store,
+)
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
 from utils.config_files import describe, flatten
@@ -82,7 +89,7 @@ from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_
 from utils.extractors import CaptionTokens, make_extractor
 from utils.reporting import RESULTS_TABLE, SEARCH_PLOT, TrialHistory, as_epoch, plot_metric, results_table
 from utils.runtime import resolve_device
-from utils.stores import audio_table, logmel_file, read_json, text_embeds_file, text_table
+from utils.stores import audio_table, logmel_file, read_json, text_embeds_file, text_table, write_csv, write_json
 from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
 
@@ -140,7 +147,7 @@ def run_experiment(
     if is_local(ray_conf.storage_path):
         experiment = Path(ray_conf.storage_path) / name
         experiment.mkdir(parents=True)
-        (experiment / BASE_CONFIG).write_text(json.dumps(raw, indent=2))
+        write_json(raw, experiment / BASE_CONFIG)
     log.info("TensorBoard: tensorboard --logdir %s", Path(ray_conf.storage_path) / name)
     tuner = tune.Tuner(
         make_trainable(raw, ray_conf),
@@ -367,31 +374,34 @@ def prepare_stores(config: Config) -> None:
             for split, side, path in missing_stores(source, [source.data.train_split]):
                 work.setdefault(path, (source, split, side))
     if work:
-        # one task per part of an audio store (the clips of a split spread over the cluster's GPUs), one per
-        # caption store; the parts are merged here, on the driver, once all are done
-        task = ray.remote(num_cpus=ray_conf.cpus_per_trial, num_gpus=ray_conf.gpus_per_trial)(store_task)
-        plans, futures = [], []
-        for variant, split, side in work.values():
-            dumped = variant.model_dump(mode="json")
-            if side == "audio":
-                plans.append(plan_audio_store(variant, split))
-                futures += [task.remote(dumped, split, side, part) for part in plans[-1].todo()]
-            else:
-                futures.append(task.remote(dumped, split, side))
-        log.info(
-            "computing %d tower store(s) once, in %d Ray tasks: %s",
-            len(work),
-            len(futures),
-            ", ".join(p.name for p in work),
-        )
-        try:
-            ray.get(futures)
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, InputError):  # a data or config problem: its one line, not a traceback
-                raise err.cause from None
-            raise
-        for plan in plans:
-            finish_audio_store(plan)
+        with ExitStack() as locks:  # each store's split_lock, held here while the Ray tasks write it
+            for path, (_, split, _) in work.items():
+                locks.enter_context(store_lock(path, split))
+            # one task per part of an audio store (the clips of a split spread over the cluster's GPUs), one per
+            # caption store; the parts are merged here, on the driver, once all are done
+            task = ray.remote(num_cpus=ray_conf.cpus_per_trial, num_gpus=ray_conf.gpus_per_trial)(store_task)
+            plans, futures = [], []
+            for variant, split, side in work.values():
+                dumped = variant.model_dump(mode="json")
+                if side == "audio":
+                    plans.append(plan_audio_store(variant, split))
+                    futures += [task.remote(dumped, split, side, part) for part in plans[-1].todo()]
+                else:
+                    futures.append(task.remote(dumped, split, side))
+            log.info(
+                "computing %d tower store(s) once, in %d Ray tasks: %s",
+                len(work),
+                len(futures),
+                ", ".join(p.name for p in work),
+            )
+            try:
+                ray.get(futures)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, InputError):  # a data or config problem: its one line, not a traceback
+                    raise err.cause from None
+                raise
+            for plan in plans:
+                finish_audio_store(plan)
     for variant in store_variants(config):
         for _, source, split in training_reads(variant):
             check_inputs(source, split)
@@ -432,7 +442,15 @@ def init_ray(ray_conf: RayConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     if joins_cluster(address):
-        context = ray.init(address=address)
+        try:
+            context = ray.init(address=address)
+        except ConnectionError as err:  # Ray has retried for about 20 s by then
+            raise ConfigError(
+                f"cannot join the Ray cluster at {address or os.environ['RAY_ADDRESS']}: {err}. A head started with "
+                "RAY_AUTH_MODE=token refuses clients without its token: run with RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN_PATH naming a file that holds what `ray get-auth-token` prints on the head (or "
+                "RAY_AUTH_TOKEN set to it)"
+            ) from None
     else:
         if ray_conf.include_dashboard and not is_loopback(ray_conf.dashboard_host):
             log.warning(
@@ -745,7 +763,7 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig
         "trial_params": dict(best.config),
         "config": validate(with_overrides(raw, best.config)).model_dump(mode="json"),
     }
-    (experiment / BEST_FILE).write_text(json.dumps(summary, indent=2))
+    write_json(summary, experiment / BEST_FILE)
     write_results(trials, ray_conf, experiment)
     log.info(
         "best trial %s: %s = %.4f at epoch %g with %s",
@@ -836,7 +854,7 @@ def export_best(checkpoint: tune.Checkpoint, folder: Path) -> Path:
 
 def write_results(trials: list[TrialHistory], ray_conf: RayConfig, experiment: Path) -> None:
     """``results.csv`` (one row per trial, best first) and ``search.png`` (the metric per epoch)."""
-    results_table(trials, ray_conf.metric, ray_conf.mode).to_csv(experiment / RESULTS_TABLE, index=False)
+    write_csv(results_table(trials, ray_conf.metric, ray_conf.mode), experiment / RESULTS_TABLE)
     plot_metric(trials, ray_conf.metric, experiment / SEARCH_PLOT)
 
 

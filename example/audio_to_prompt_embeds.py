@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from utils.errors import ConfigError
 from utils.experiments import find_model
 from utils.inference import encode_audio_files, load_for_inference
+from utils.stores import atomic_path
 
 
 @torch.no_grad()
@@ -56,7 +57,8 @@ def prompt_embeds(model_path: Path, audio_files: list[Path], out: Path, device: 
     written = []
     for path, sequence in zip(audio_files, sequences):
         file = out / f"{path.stem}.safetensors"
-        save_file({"prompt_embeds": sequence[None].contiguous()}, str(file))
+        with atomic_path(file) as partial:
+            save_file({"prompt_embeds": sequence[None].contiguous()}, str(partial))
         log.info("%s -> %s %s", path, file, tuple(sequence[None].shape))
         written.append(file)
     return written

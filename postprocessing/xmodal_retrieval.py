@@ -16,7 +16,6 @@ finished run of the config's experiment on the evaluation split. Also runs as
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -65,6 +64,7 @@ from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
 from utils.experiments import find_model
 from utils.metrics import caption_ranks, retrieval_metrics
+from utils.stores import write_csv, write_json
 
 log = logging.getLogger("xmodal_retrieval")
 
@@ -123,8 +123,8 @@ def evaluate(
         out_dir / f"{split}.t2a_retrieval{suffix}.csv",
     )
     summary = {"split": split, "checkpoint": str(model_path), "untrained": untrained, **metrics}
-    metrics_file.write_text(json.dumps(summary, indent=2))
-    submission(scores, fnames, captions).to_csv(submission_file, index=False)
+    write_json(summary, metrics_file)
+    write_csv(submission(scores, fnames, captions), submission_file)
     log.info("wrote %s and %s", metrics_file, submission_file)
     if per_query:
         ranks_file = out_dir / f"{split}.t2a_ranks{suffix}.csv"
@@ -135,7 +135,7 @@ def evaluate(
                 "rank": caption_ranks(scores, caption_audio).numpy(),
             }
         )
-        ranks.to_csv(ranks_file, index=False)
+        write_csv(ranks, ranks_file)
         log.info("wrote %s", ranks_file)
     if report:
         experiment = experiment_folder(model_path)

@@ -63,7 +63,7 @@ from tqdm import tqdm
 from utils.audio import FeatureConfig, file_logmel, logmel
 from utils.config import validate
 from utils.errors import AudioError, DatasetError
-from utils.stores import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table
+from utils.stores import AUDIO_COLUMNS, atomic_h5, audio_table, dataset_member, logmel_file, read_table, split_lock
 
 log = logging.getLogger("audio_logmel")
 
@@ -240,55 +240,62 @@ def extract_split(
     overwrite: bool = False,
 ) -> list[str]:
     """Write ``{split}_logmel.h5`` for every clip of ``{split}_audio.csv``; returns the skipped files' messages."""
-    audio = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
-    fids, fnames = [int(f) for f in audio["fid"]], [str(f) for f in audio["fname"]]
-    split_dir = Path(dataset_dir) / split
-    stamps = file_stamps(split_dir, fnames)
-    target = logmel_file(dataset_dir, split)
-    if not overwrite and store_is_current(target, features, fids, fnames, stamps):
-        log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
-        shutil.rmtree(
-            target.with_name(f"{target.stem}.parts"), ignore_errors=True
-        )  # left by a crash after the last rename
-        with h5py.File(target, "r") as f:
-            reasons = [reason for _, reason in skipped_clips(f)]
-        for reason in reasons:
-            log.warning("skipped earlier: %s", reason)
-        return reasons
+    with split_lock(dataset_dir, split, "logmel"):
+        audio = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)
+        fids, fnames = [int(f) for f in audio["fid"]], [str(f) for f in audio["fname"]]
+        split_dir = Path(dataset_dir) / split
+        stamps = file_stamps(split_dir, fnames)
+        target = logmel_file(dataset_dir, split)
+        if not overwrite and store_is_current(target, features, fids, fnames, stamps):
+            log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
+            shutil.rmtree(
+                target.with_name(f"{target.stem}.parts"), ignore_errors=True
+            )  # left by a crash after the last rename
+            with h5py.File(target, "r") as f:
+                reasons = [reason for _, reason in skipped_clips(f)]
+            for reason in reasons:
+                log.warning("skipped earlier: %s", reason)
+            return reasons
 
-    parts_dir = target.with_name(f"{target.stem}.parts")
-    if overwrite:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(exist_ok=True)
-    slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
-    parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
-    todo = [i for i, s in enumerate(slices) if not store_is_current(parts[i], features, fids[s], fnames[s], stamps[s])]
-    done_clips = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
-    if done_clips:
-        log.info(
-            "%s: %d of %d parts already done in %s; continuing", split, len(parts) - len(todo), len(parts), parts_dir
-        )
-    # --workers 1 decodes in this process (one thread), which is easier to debug and to profile
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool:
-        # Workers start, import the audio libraries and compile their first call (up to tens of seconds)
-        # before the bar opens, so that its rate and time estimate are those of the clips.
-        log.info("%s: starting %d worker(s) for %d clips", split, workers, len(fids) - done_clips)
-        list(pool.map(_warm_up, [features] * workers))
-        with tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
-            for i in todo:
-                s = slices[i]
-                try:
-                    extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
-                except BrokenProcessPool:
-                    raise DatasetError(
-                        f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} "
-                        f"to {fnames[s][-1]!r}; "
-                        "finished parts are kept: rerun to continue, with fewer --workers if memory is short"
-                    ) from None
-    kept, reasons = merge_parts(parts, target, features, fids, fnames, stamps)
-    shutil.rmtree(parts_dir)
-    log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
-    return reasons
+        parts_dir = target.with_name(f"{target.stem}.parts")
+        if overwrite:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        parts_dir.mkdir(exist_ok=True)
+        slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
+        parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
+        todo = [
+            i for i, s in enumerate(slices) if not store_is_current(parts[i], features, fids[s], fnames[s], stamps[s])
+        ]
+        done_clips = sum(len(fids[s]) for i, s in enumerate(slices) if i not in todo)
+        if done_clips:
+            log.info(
+                "%s: %d of %d parts already done in %s; continuing",
+                split,
+                len(parts) - len(todo),
+                len(parts),
+                parts_dir,
+            )
+        # --workers 1 decodes in this process (one thread), which is easier to debug and to profile
+        with ProcessPoolExecutor(max_workers=workers) if workers > 1 else ThreadPoolExecutor(max_workers=1) as pool:
+            # Workers start, import the audio libraries and compile their first call (up to tens of seconds)
+            # before the bar opens, so that its rate and time estimate are those of the clips.
+            log.info("%s: starting %d worker(s) for %d clips", split, workers, len(fids) - done_clips)
+            list(pool.map(_warm_up, [features] * workers))
+            with tqdm(total=len(fids), initial=done_clips, desc=f"log-mel {split}", unit="clip") as progress:
+                for i in todo:
+                    s = slices[i]
+                    try:
+                        extract_part(pool, features, split_dir, fids[s], fnames[s], stamps[s], progress, parts[i])
+                    except BrokenProcessPool:
+                        raise DatasetError(
+                            f"{split}: a worker process died (out of memory?) in the part from {fnames[s][0]!r} "
+                            f"to {fnames[s][-1]!r}; "
+                            "finished parts are kept: rerun to continue, with fewer --workers if memory is short"
+                        ) from None
+        kept, reasons = merge_parts(parts, target, features, fids, fnames, stamps)
+        shutil.rmtree(parts_dir)
+        log.info("%s: %d clips, %d skipped -> %s", split, kept, len(reasons), target)
+        return reasons
 
 
 def main() -> None:

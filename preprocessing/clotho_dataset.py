@@ -46,6 +46,7 @@ from utils.stores import (
     dataset_member,
     read_csv,
     release_captions_csv,
+    split_lock,
     text_table,
     write_csv,
 )
@@ -172,13 +173,14 @@ def index_splits(dataset_dir: Path, splits: list[str] | tuple[str, ...]) -> None
     """Index each split and write its ``{split}_audio.csv`` and ``{split}_text.csv``, with the problems logged."""
     audio_tables = {}
     for split in splits:
-        audio, text, problems = index_split(dataset_dir, split)
-        for line in problems:
-            log.warning(line)
-        if audio.empty:
-            raise DatasetError(f"{split}: no usable clip (see the warnings above); nothing written")
-        write_csv(audio, audio_table(dataset_dir, split))
-        write_csv(text, text_table(dataset_dir, split))
+        with split_lock(dataset_dir, split, "index"):
+            audio, text, problems = index_split(dataset_dir, split)
+            for line in problems:
+                log.warning(line)
+            if audio.empty:
+                raise DatasetError(f"{split}: no usable clip (see the warnings above); nothing written")
+            write_csv(audio, audio_table(dataset_dir, split))
+            write_csv(text, text_table(dataset_dir, split))
         audio_tables[split] = audio
         log.info(
             "%s: %d clips (%.1f h), %d captions, %d problem(s)",

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from models import CNN14Encoder
 from models.weights import check_state_dict, read_torch_file
 from utils.errors import CheckpointError
+from utils.stores import atomic_path
 
 log = logging.getLogger("cnn14_transfer")
 
@@ -68,7 +69,8 @@ def transfer(panns_checkpoint: Path, output: Path) -> Path:
         raise CheckpointError(f"{panns_checkpoint}: expected a dict with the state dict under 'model'")
     state = convert_panns_state(checkpoint["model"], str(panns_checkpoint))
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(output))
+    with atomic_path(output) as partial_file:
+        save_file(state, str(partial_file))
     log.info(
         "wrote %d tensors (%.1fM parameters) to %s", len(state), sum(v.numel() for v in state.values()) / 1e6, output
     )

@@ -25,6 +25,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from utils.cli import make_parser, setup_logging
+from utils.stores import captions_csv, write_csv
 
 if TYPE_CHECKING:
     from utils.config import Config
@@ -194,7 +195,7 @@ def write_demo_dataset(out_dir: Path, clips_per_split: dict[str, int], seed: int
             fname = f"{split[:3]}_scene_{i:04d}.wav"
             sf.write(out_dir / split / fname, wave, SAMPLE_RATE, subtype="PCM_16")
             rows += [{"fname": fname, "raw_text": c, "text": c.lower().rstrip(".").replace(",", "")} for c in captions]
-        pd.DataFrame(rows).to_csv(out_dir / f"{split}_captions.csv", index=False)
+        write_csv(pd.DataFrame(rows), captions_csv(out_dir, split))
         log.info("%s: %d clips, %d captions", split, n_clips, len(rows))
 
 
@@ -207,7 +208,6 @@ def prepare_demo(config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: in
     from preprocessing.clotho_dataset import index_splits
     from preprocessing.sbert_embeddings import embed_captions
     from utils.runtime import resolve_device
-    from utils.stores import captions_csv
     from utils.text import load_sentence_model
 
     dataset_dir, splits = config.data.dataset_dir, config.data.splits()

@@ -45,7 +45,7 @@ import numpy as np
 from utils.config import validate
 from utils.errors import DatasetError
 from utils.runtime import resolve_device
-from utils.stores import TEXT_COLUMNS, atomic_h5, read_table, text_embeds_file, text_table
+from utils.stores import TEXT_COLUMNS, atomic_h5, read_table, split_lock, text_embeds_file, text_table
 from utils.text import TextEmbeddingConfig, load_sentence_model
 
 if TYPE_CHECKING:
@@ -79,29 +79,30 @@ def embed_captions(
 ) -> Path:
     """Write ``{split}_text_embeds.h5``: ``settings.model_name``'s embedding of the ``settings.caption_column``
     of each caption of ``{split}_text.csv``."""
-    model_name = settings.model_name
-    text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
-    cids, captions = text["cid"].to_numpy(np.int64), text[settings.caption_column].astype(str).tolist()
-    digest = captions_digest(captions)
-    target = text_embeds_file(dataset_dir, split)
-    if not overwrite and store_is_current(target, cids, digest, model_name):
-        log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
+    with split_lock(dataset_dir, split, "text_embeds"):
+        model_name = settings.model_name
+        text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)
+        cids, captions = text["cid"].to_numpy(np.int64), text[settings.caption_column].astype(str).tolist()
+        digest = captions_digest(captions)
+        target = text_embeds_file(dataset_dir, split)
+        if not overwrite and store_is_current(target, cids, digest, model_name):
+            log.info("%s: %s is up to date (--overwrite redoes it)", split, target.name)
+            return target
+        embeds = model.encode(captions, batch_size=settings.batch_size, show_progress_bar=True, convert_to_numpy=True)
+        bad = ~np.isfinite(embeds).all(axis=1)
+        if bad.any():
+            raise DatasetError(
+                f"{text_table(dataset_dir, split)}: {model_name} gives NaN/inf embeddings for caption id(s) "
+                f"{cids[bad][:8].tolist()}; nothing written"
+            )
+        with atomic_h5(target) as f:
+            f.create_dataset("cid", data=cids)
+            f.create_dataset("embedding", data=embeds.astype(np.float32))
+            f.attrs["model_name"] = model_name
+            f.attrs["captions_sha256"] = digest
+            f.attrs["caption_column"] = settings.caption_column
+        log.info("%s: %d captions x %d dims -> %s", split, *embeds.shape, target)
         return target
-    embeds = model.encode(captions, batch_size=settings.batch_size, show_progress_bar=True, convert_to_numpy=True)
-    bad = ~np.isfinite(embeds).all(axis=1)
-    if bad.any():
-        raise DatasetError(
-            f"{text_table(dataset_dir, split)}: {model_name} gives NaN/inf embeddings for caption id(s) "
-            f"{cids[bad][:8].tolist()}; nothing written"
-        )
-    with atomic_h5(target) as f:
-        f.create_dataset("cid", data=cids)
-        f.create_dataset("embedding", data=embeds.astype(np.float32))
-        f.attrs["model_name"] = model_name
-        f.attrs["captions_sha256"] = digest
-        f.attrs["caption_column"] = settings.caption_column
-    log.info("%s: %d captions x %d dims -> %s", split, *embeds.shape, target)
-    return target
 
 
 def main() -> None:

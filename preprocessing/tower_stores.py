@@ -47,6 +47,7 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
 
 import json
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +64,7 @@ from utils.config import Config, validate
 from utils.errors import AudioError, DatasetError
 from utils.extractors import CaptionTokens, make_extractor
 from utils.runtime import resolve_device
-from utils.stores import TEXT_COLUMNS, atomic_h5, dataset_member, read_table, text_table
+from utils.stores import TEXT_COLUMNS, atomic_h5, dataset_member, read_table, split_lock, text_table
 from utils.tower_stores import audio_store, extra_sources, source_ids, store_problem, text_store
 
 log = logging.getLogger("tower_stores")
@@ -157,6 +158,11 @@ def plan_audio_store(config: Config, split: str, part_size: int = PART_SIZE) -> 
     slices = [slice(start, start + part_size) for start in range(0, len(fids), part_size)]
     parts = [parts_dir / f"part_{i:05d}.h5" for i in range(len(slices))]
     return AudioStorePlan(path, settings, fids, fnames, slices, parts)
+
+
+def store_lock(path: Path, split: str) -> AbstractContextManager[None]:
+    """The ``split_lock`` of the tower store ``path`` of ``split`` (its kind: the file name after the split's)."""
+    return split_lock(path.parent, split, path.stem.removeprefix(f"{split}_"))
 
 
 def write_audio_parts(
@@ -323,10 +329,14 @@ def prepare_split(
 ) -> list[Path]:
     """Write every tower store ``split`` needs, here (``main.py`` spreads the same work over Ray tasks)."""
     target = resolve_device(device or config.device)
-    written = [
-        write_audio_store(config, split, target, batch_size, part_size, overwrite),
-        write_text_store(config, split, target, max(batch_size, 64), overwrite),
-    ]
+    with ExitStack() as locks:
+        for store in (audio_store(config, split), text_store(config, split)):
+            if store is not None:
+                locks.enter_context(store_lock(store[0], split))
+        written = [
+            write_audio_store(config, split, target, batch_size, part_size, overwrite),
+            write_text_store(config, split, target, max(batch_size, 64), overwrite),
+        ]
     return [path for path in written if path is not None]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -84,8 +85,8 @@ def test_killed_trial_resumes_from_its_checkpoint(tiny_raw, ray_session):
     assert json.loads((experiment / "best.json").read_text())["epoch"] in (1, 2, 3)
 
 
-def run_main(*args, **kwargs):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_main(*args, env: dict[str, str] | None = None, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "main.py"), *map(str, args)],
         env=env,
@@ -142,11 +143,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
+def test_main_joins_a_token_authenticated_cluster_and_a_client_without_the_token_is_refused(tiny_dataset, tmp_path):
+    """The README's recipe: a head started with RAY_AUTH_MODE=token and a token file, main.py joining with the same
+    file; a client without it gets one line."""
     port = free_port()
     ray_cli = Path(sys.executable).parent / "ray"
     head_log = tmp_path / "head.log"
     short_tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay under 107 bytes
+    token_file = tmp_path / "ray_token"
+    token_file.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     with head_log.open("w") as log_file:
         head = subprocess.Popen(
             [
@@ -162,13 +168,21 @@ def test_main_joins_a_cluster_started_with_ray_start(tiny_dataset, tmp_path):
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **auth},
         )
     try:
         deadline = time.time() + 120
         while "Ray runtime started" not in head_log.read_text():
             assert head.poll() is None and time.time() < deadline, head_log.read_text()[-3000:]
             time.sleep(0.5)
-        proc = run_main("--address", f"127.0.0.1:{port}", *overrides(tiny_dataset, tmp_path / "runs"))
+        args = ("--address", f"127.0.0.1:{port}", *overrides(tiny_dataset, tmp_path / "runs"))
+        refused = run_main(*args)  # conftest's RAY_AUTH_MODE=disabled: a client that sends no token
+        output = refused.communicate(timeout=300)[0]
+        assert refused.returncode == 1, output[-3000:]
+        assert f"error: cannot join the Ray cluster at 127.0.0.1:{port}" in output and "RAY_AUTH_TOKEN_PATH" in output
+        assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/best.json"))
+
+        proc = run_main(*args, env=auth)
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output[-3000:]
         assert (

@@ -21,7 +21,7 @@ from models.dual_encoder import DualEncoderModel, create_model
 from models.weights import load_weights, read_safetensors, read_torch_file
 from utils.config import Config, validate
 from utils.errors import CheckpointError
-from utils.stores import LogmelStore, logmel_file, read_json, text_embed_dim, text_embeds_file
+from utils.stores import LogmelStore, atomic_folder, logmel_file, read_json, text_embed_dim, text_embeds_file
 from utils.tower_stores import audio_store, is_pretrained, open_store, text_store
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,16 +73,17 @@ def export_model(checkpoint: Path, folder: Path) -> Path:
     """Write a checkpoint's weights (safetensors), resolved config and metrics into ``folder``.
 
     The export needs nothing else to be loaded (``load_trained_model``), so post-processing does
-    not depend on Ray's trial folders, and it holds no pickled objects at all.
+    not depend on Ray's trial folders, and it holds no pickled objects at all. It is written whole
+    beside ``folder`` and then replaces it (``atomic_folder``): an older export stays until then.
     """
     state = load_checkpoint(checkpoint)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(folder / EXPORT_WEIGHTS))
-    (folder / EXPORT_CONFIG).write_text(json.dumps(state["config"], indent=2))
-    (folder / EXPORT_METRICS).write_text(json.dumps({"epoch": state["epoch"], **state["metrics"]}, indent=2))
-    if state.get("inputs"):  # checkpoints from before the sizes were saved have none
-        (folder / EXPORT_INPUTS).write_text(json.dumps(state["inputs"], indent=2))
+    with atomic_folder(folder) as partial:
+        save_file({k: v.contiguous() for k, v in state["model"].items()}, str(partial / EXPORT_WEIGHTS))
+        (partial / EXPORT_CONFIG).write_text(json.dumps(state["config"], indent=2))
+        (partial / EXPORT_METRICS).write_text(json.dumps({"epoch": state["epoch"], **state["metrics"]}, indent=2))
+        if state.get("inputs"):  # checkpoints from before the sizes were saved have none
+            (partial / EXPORT_INPUTS).write_text(json.dumps(state["inputs"], indent=2))
     return folder
 
 

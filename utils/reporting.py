@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from utils.config_files import describe
+from utils.stores import atomic_path
 
 RESULTS_TABLE = "results.csv"  # an experiment's trials, one row each, best first
 SEARCH_PLOT = "search.png"  # its selection metric per epoch, one line per trial
@@ -76,6 +77,7 @@ def plot_metric(trials: list[TrialHistory], metric: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as partial_file:
+        fig.savefig(partial_file, format="png")
     plt.close(fig)
     return path

@@ -10,13 +10,17 @@ A dataset folder follows Clotho's layout, plus the files preprocessing writes::
     <dataset_dir>/{split}_logmel.h5          log-mels of every clip   (audio_logmel.py)
     <dataset_dir>/{split}_text_embeds.h5     caption embeddings       (sbert_embeddings.py)
 
-Every file is written under a temporary name and renamed when complete (``atomic_path``).
+Every file is written under a temporary name and renamed when complete (``atomic_path``), a folder the same way
+(``atomic_folder``), and a run writing a split's store holds that store's lock (``split_lock``) meanwhile.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +35,11 @@ from pydantic import model_validator
 from models.registry import StrictModel
 from utils.errors import DatasetError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX locks (split_lock then keeps nothing apart)
+    fcntl = None
+
 if TYPE_CHECKING:  # only types here: importing utils.audio would load the audio libraries
     from utils.audio import FeatureConfig
     from utils.text import TextEmbeddingConfig
@@ -40,6 +49,8 @@ RELEASE_COLUMNS = ("file_name", "caption_1", "caption_2", "caption_3", "caption_
 AUDIO_COLUMNS = ("fid", "fname", "duration")
 TEXT_COLUMNS = ("cid", "fid", "fname", "raw_text", "text")
 NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS and NTFS
+
+log = logging.getLogger(__name__)
 
 
 class TrainSource(StrictModel):
@@ -183,6 +194,13 @@ def write_csv(table: pd.DataFrame, target: Path) -> None:
         table.to_csv(partial_file, index=False)
 
 
+def write_json(obj: Any, target: Path) -> None:
+    """Write ``obj`` to ``target`` as indented UTF-8 JSON, atomically (``atomic_path``)."""
+    text = json.dumps(obj, indent=2)  # serialised first: an object that cannot be leaves the old file untouched
+    with atomic_path(target) as partial_file:
+        partial_file.write_text(text, encoding="utf-8")
+
+
 def write_caption_rows(rows: list[tuple[str, str]], dataset_dir: Path, split: str) -> pd.DataFrame:
     """Write ``{split}_captions.csv`` one caption per row (``fname,raw_text``, the form ``clotho_dataset.py`` reads
     with any number of captions per clip) from ``(file name, caption)`` rows; returns the table."""
@@ -196,6 +214,65 @@ def atomic_h5(target: Path) -> Iterator[h5py.File]:
     """Write an HDF5 file atomically (``atomic_path``): open it, fill it, and it appears whole."""
     with atomic_path(target) as partial_file, h5py.File(partial_file, "w") as f:
         yield f
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``target`` to fill; when the block completes it replaces ``target``: an
+    older ``target`` is renamed away, the new one renamed in, then the old one deleted. Readers find the old
+    folder or the whole new one (for the instant between the two renames, none); a failed block leaves the old."""
+    target = Path(target)
+    partial, old = target.with_name(target.name + ".partial"), target.with_name(target.name + ".old")
+    if old.exists() and not target.exists():  # a crash between the two renames: the old folder is the only one
+        os.replace(old, target)
+    for leftover in (partial, old):  # of a crash or a failed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if target.exists():
+            os.replace(target, old)
+        os.replace(partial, target)
+    finally:
+        if old.exists() and not target.exists():  # the second rename failed: put the old folder back
+            os.replace(old, target)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_file(dataset_dir: Path, split: str, kind: str) -> Path:
+    """The lock of one split's ``kind`` of store: ``<dataset_dir>/.{split}_{kind}.lock``."""
+    return Path(dataset_dir) / f".{split}_{kind}.lock"
+
+
+@contextmanager
+def split_lock(dataset_dir: Path, split: str, kind: str) -> Iterator[None]:
+    """Hold the exclusive lock of ``split``'s ``kind`` of store (``index``, ``logmel``, ``text_embeds``, a tower
+    store's name) while writing it: a second run on the same store fails at once with a ``DatasetError`` naming
+    the run that holds it (its pid and start time, kept in the lock file). The OS drops the lock when the
+    process ends, however it ends; the lock file stays (removing it would let two runs lock two files)."""
+    path = lock_file(dataset_dir, split, kind)
+    if fcntl is None:
+        log.debug("%s: no fcntl here, so runs on the same split are not kept apart", path)
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            # a POSIX record lock (lockf), not flock: audio_logmel.py's workers fork from this process, and an
+            # flock would stay held by them if this process were killed; a record lock is this process's alone
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN or EACCES, by platform: held by another process
+            pid, _, started = os.read(fd, 100).decode(errors="replace").strip().partition(" ")
+            holder = f"pid {pid}, started {started}" if started else "just started"
+            raise DatasetError(
+                f"{path}: another preprocessing run ({holder}) is writing this split; wait for it or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.strftime('%H:%M:%S')}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_logmels(dataset_dir: Path, split: str, features: FeatureConfig) -> None:
