@@ -205,11 +205,7 @@ def import_dataset(args: argparse.Namespace) -> pd.DataFrame:
             continue
         taken.add(clip)
         rows += [(clip, caption) for caption in captions]
-    for line in problems:
-        log.warning(line)
-    if not rows:
-        raise DatasetError(f"{args.source}: no usable item (see the warnings above); nothing written")
-    table = write_caption_rows(rows, args.output_dir, args.split)
+    table = write_caption_rows(rows, problems, args.source, "item", args.output_dir, args.split)
     log.info("%s: %d clips, %d captions, %d item(s) skipped", args.split, len(taken), len(table), len(problems))
     return table
 

@@ -199,11 +199,7 @@ def convert(args: argparse.Namespace) -> pd.DataFrame:
         placed[source.name] = f"line {row + 2}"
         place_audio(source, split_dir / source.name, args.copy)
         rows += [(source.name, template.replace(SLOT, join_labels(names))) for template in templates]
-    for line in problems:
-        log.warning(line)
-    if not rows:
-        raise DatasetError(f"{args.labels}: no usable row (see the warnings above); nothing written")
-    captions = write_caption_rows(rows, args.output_dir, args.split)
+    captions = write_caption_rows(rows, problems, str(args.labels), "row", args.output_dir, args.split)
     log.info("%s: %d clips, %d captions, %d row(s) skipped", args.split, len(placed), len(captions), len(problems))
     return captions
 

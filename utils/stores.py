@@ -201,9 +201,17 @@ def write_json(obj: Any, target: Path) -> None:
         partial_file.write_text(text, encoding="utf-8")
 
 
-def write_caption_rows(rows: list[tuple[str, str]], dataset_dir: Path, split: str) -> pd.DataFrame:
-    """Write ``{split}_captions.csv`` one caption per row (``fname,raw_text``, the form ``clotho_dataset.py`` reads
-    with any number of captions per clip) from ``(file name, caption)`` rows; returns the table."""
+def write_caption_rows(
+    rows: list[tuple[str, str]], problems: list[str], source: str, unit: str, dataset_dir: Path, split: str
+) -> pd.DataFrame:
+    """What a converter of another dataset ends with: each of ``problems`` (what it skipped) logged, then
+    ``{split}_captions.csv`` written one caption per row (``fname,raw_text``, the form ``clotho_dataset.py`` reads
+    with any number of captions per clip) from ``(file name, caption)`` rows; returns the table. No rows: a
+    ``DatasetError`` naming ``source`` and what it reads one by one (``unit``: item, row), and nothing written."""
+    for line in problems:
+        log.warning(line)
+    if not rows:
+        raise DatasetError(f"{source}: no usable {unit} (see the warnings above); nothing written")
     table = pd.DataFrame(rows, columns=["fname", "raw_text"])
     write_csv(table, captions_csv(dataset_dir, split))
     return table
