@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from utils.cli import DEFAULT_CONFIG, exit_on_input_error, make_parser, setup_logging
+from utils.cli import DEFAULT_CONFIG, exit_on_input_error, location_arg, make_parser, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +83,14 @@ from preprocessing.tower_stores import (
 )
 from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
-from utils.config_files import describe, flatten
+from utils.config_files import describe, flatten, is_uri
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.extractors import CaptionTokens, make_extractor
 from utils.reporting import RESULTS_TABLE, SEARCH_PLOT, TrialHistory, as_epoch, plot_metric, results_table
 from utils.runtime import resolve_device
-from utils.stores import audio_table, logmel_file, read_json, text_embeds_file, text_table, write_csv, write_json
+from utils.storage import as_location, check_storage, exists, join, mirror, parent, read_json_at, upload, write_json_at
+from utils.stores import audio_table, logmel_file, text_embeds_file, text_table, write_csv, write_json
 from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
 
@@ -97,6 +98,11 @@ log = logging.getLogger("main")
 
 BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resume
 BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
+FAILURE_FILE = "failure.json"  # in a trial's folder: why it ended without retries (DETERMINISTIC_ERRORS)
+# Errors that the same trial meets again on every retry (a diverged loss, unusable data or config, a batch that
+# does not fit the device): the trial ends at once with its reason. Tune's FailureConfig retries every error alike,
+# so the trainable ends such a trial itself; crashes (a killed worker, a lost node) keep their max_failures retries.
+DETERMINISTIC_ERRORS = (FloatingPointError, InputError, torch.OutOfMemoryError)
 # Tune adds its CSV, JSON and TensorBoard writers to every run unless told not to; main.py adds its own
 # (make_run_config), so that Tune's TensorBoard hint, which names a folder without events, is not printed.
 os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -120,7 +126,7 @@ def main() -> None:
             if args.resume:
                 if args.overrides:
                     log.warning("--resume keeps the experiment's saved config: ignoring %s", " ".join(args.overrides))
-                folder = None if args.resume == "latest" else Path(args.resume)
+                folder = None if args.resume == "latest" else location_arg(args.resume)
                 resume_experiment(folder, config.ray_conf.storage_path, config.experiment, args.address)
             else:
                 prepare_demo_if_missing(config)
@@ -134,9 +140,9 @@ def main() -> None:
 def run_experiment(
     config: Config, raw: dict[str, Any], address: str | None = None, callbacks: list[tune.Callback] | None = None
 ) -> Path:
-    """Run a new Tuner, then write the experiment summary; returns the experiment folder.
+    """Run a new Tuner, then write the experiment summary; returns the (local) folder that holds it.
 
-    The raw config is saved as ``base_config.json`` in the experiment folder first, so that
+    The raw config is saved as ``base_config.json`` in the experiment folder (or under its URI) first, so that
     ``--resume`` rebuilds exactly the same trials whatever ``conf.yaml`` says by then.
     """
     ray_conf = config.ray_conf
@@ -144,11 +150,8 @@ def run_experiment(
     check_resources(ray_conf, ray.cluster_resources())
     prepare_stores(config)
     name = new_experiment_name(config.experiment)
-    if is_local(ray_conf.storage_path):
-        experiment = Path(ray_conf.storage_path) / name
-        experiment.mkdir(parents=True)
-        write_json(raw, experiment / BASE_CONFIG)
-    log.info("TensorBoard: tensorboard --logdir %s", Path(ray_conf.storage_path) / name)
+    write_json_at(raw, join(ray_conf.storage_path, name, BASE_CONFIG))
+    log.info("TensorBoard: tensorboard --logdir %s", join(ray_conf.storage_path, name))
     tuner = tune.Tuner(
         make_trainable(raw, ray_conf),
         param_space=make_param_space(ray_conf),
@@ -158,18 +161,23 @@ def run_experiment(
     return summarise(tuner.fit(), raw, ray_conf)
 
 
-def resume_experiment(path: Path | None, storage_path: str, experiment: str, address: str | None = None) -> Path:
-    """Continue an interrupted experiment: finished trials are kept, unfinished and errored ones
-    continue from their latest checkpoints. ``path`` defaults to the newest run of ``experiment``."""
+def resume_experiment(path: str | Path | None, storage_path: str, experiment: str, address: str | None = None) -> Path:
+    """Continue an interrupted experiment (a folder or a URI): finished trials are kept, unfinished and errored
+    ones continue from their latest checkpoints. ``path`` defaults to the newest run of ``experiment``."""
     if path is None:
+        if is_uri(storage_path):
+            check_storage(storage_path)
         base_config = latest_experiment_file(storage_path, BASE_CONFIG, experiment)
         if base_config is None:
             raise ConfigError(f"no run of experiment {experiment!r} to resume under {storage_path}")
-        path = base_config.parent
-    path = Path(path).resolve()
-    if not (path / BASE_CONFIG).is_file() or not tune.Tuner.can_restore(str(path)):
+        path = parent(base_config)
+    if is_uri(path):
+        check_storage(str(path), "--resume")
+    else:
+        path = Path(path).resolve()
+    if not exists(join(path, BASE_CONFIG)) or not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"{path} is not a resumable experiment folder of main.py")
-    raw = read_json(path / BASE_CONFIG)
+    raw = read_json_at(join(path, BASE_CONFIG))
     ray_conf = validate(raw).ray_conf
     init_ray(ray_conf, address)
     log.info("resuming %s (TensorBoard: tensorboard --logdir %s)", path, path)
@@ -203,6 +211,8 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     trial bigger than the machine. A cluster's size is checked once joined (``check_resources``); tower
     stores that do not exist yet are computed once Ray runs (``prepare_stores``)."""
     data, ray_conf = config.data, config.ray_conf
+    if is_uri(ray_conf.storage_path):
+        check_storage(ray_conf.storage_path)
     if not data.dataset_dir.is_dir():
         raise ConfigError(f"data.dataset_dir: {data.dataset_dir} does not exist or is not a folder")
     variants = store_variants(config)  # every architecture and store setting the search can choose
@@ -558,6 +568,7 @@ def make_run_config(ray_conf: RayConfig, name: str, callbacks: list[tune.Callbac
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardEvents(), *(callbacks or [])],
         stop=stopper,
         failure_config=tune.FailureConfig(max_failures=ray_conf.max_failures),
+        sync_config=tune.SyncConfig(sync_period=ray_conf.sync_period),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=ray_conf.num_to_keep,
             checkpoint_score_attribute=ray_conf.metric,
@@ -682,20 +693,36 @@ def make_trainable(raw: dict[str, Any], ray_conf: RayConfig) -> Any:
 def train_trial(trial_params: dict[str, Any], base_config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one training run with the trial's sampled values applied."""
     config = validate(with_overrides(base_config, trial_params))
+    context = tune.get_context()
+    # in the trial's folder in storage (its local folder has the same name): the record of a deterministic failure
+    trial_folder = Path(context.get_trial_dir()).name
+    failure_file = str(join(config.ray_conf.storage_path, context.get_experiment_name(), trial_folder, FAILURE_FILE))
     if config.ray_conf.workers_per_trial > 1:
-        train_data_parallel(config)
+        train_data_parallel(config, failure_file)
     else:
-        run_training(config, tune.get_checkpoint(), tune.report, tune.Checkpoint)
+        run_training(config, tune.get_checkpoint(), tune.report, tune.Checkpoint, failure_file)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a data-parallel trial; Ray Train has set up the process group."""
-    run_training(validate(loop_config["config"]), ray.train.get_checkpoint(), ray.train.report, ray.train.Checkpoint)
+    rank_zero = ray.train.get_context().get_world_rank() == 0
+    run_training(
+        validate(loop_config["config"]),
+        ray.train.get_checkpoint(),
+        ray.train.report,
+        ray.train.Checkpoint,
+        loop_config["failure_file"] if rank_zero else None,
+    )
 
 
-def run_training(config: Config, restored: Any, report: Callable[..., None], checkpoint_type: type) -> None:
+def run_training(
+    config: Config, restored: Any, report: Callable[..., None], checkpoint_type: type, failure_file: str | None
+) -> None:
     """What both trainables do: train from the ``restored`` checkpoint (if any) and ``report`` each
-    epoch's metrics with its checkpoint folder wrapped as ``checkpoint_type`` (Tune's or Ray Train's)."""
+    epoch's metrics with its checkpoint folder wrapped as ``checkpoint_type`` (Tune's or Ray Train's).
+
+    A ``DETERMINISTIC_ERRORS`` error ends the training here: its reason goes to ``failure_file`` (when given) and
+    the trial returns instead of raising, so that Tune does not run it again to the same end."""
     torch.set_num_threads(max(1, int(config.ray_conf.cpus_per_trial)))
     resume_from = Path(restored.to_directory()) / CHECKPOINT_FILE if restored is not None else None
 
@@ -703,21 +730,29 @@ def run_training(config: Config, restored: Any, report: Callable[..., None], che
         # Every data-parallel worker reports each epoch (the call is a barrier); only rank 0 has a checkpoint.
         report(metrics, checkpoint=checkpoint_type.from_directory(str(folder)) if folder else None)
 
-    train(config, report_epoch, resume_from=resume_from)
+    try:
+        train(config, report_epoch, resume_from=resume_from)
+    except DETERMINISTIC_ERRORS as err:
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        log.error("the trial ends without retries (a retry would fail the same way): %s", reason)
+        if failure_file is not None:
+            write_json_at({"reason": reason}, failure_file)
 
 
-def train_data_parallel(config: Config) -> None:
+def train_data_parallel(config: Config, failure_file: str) -> None:
     """Run the trial as a Ray Train ``TorchTrainer`` over ``workers_per_trial`` workers.
 
     Ray Train keeps this trial's checkpoints (under ``<experiment>/<trial id>_data_parallel``)
-    and its callback forwards rank 0's metrics, with the checkpoint path, to Tune. A retried
-    trial reuses the same run name, so Ray Train resumes it from its latest checkpoint.
+    and its callback forwards rank 0's metrics, with the checkpoint path, to Tune. A worker that
+    dies (a killed process, a lost node) restarts the worker group from that latest checkpoint,
+    up to ``max_failures`` times; a retried trial reuses the same run name, so Ray Train resumes
+    it from its latest checkpoint as well.
     """
     ray_conf = config.ray_conf
     context = tune.get_context()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json")},
+        train_loop_config={"config": config.model_dump(mode="json"), "failure_file": failure_file},
         scaling_config=ray.train.ScalingConfig(
             num_workers=ray_conf.workers_per_trial,
             use_gpu=ray_conf.gpus_per_trial > 0,
@@ -725,8 +760,9 @@ def train_data_parallel(config: Config) -> None:
         ),
         run_config=ray.train.RunConfig(
             name=f"{context.get_trial_id()}_data_parallel",
-            storage_path=f"{ray_conf.storage_path.rstrip('/')}/{context.get_experiment_name()}",
+            storage_path=str(join(ray_conf.storage_path, context.get_experiment_name())),
             callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=ray_conf.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=ray_conf.num_to_keep,
                 checkpoint_score_attribute=ray_conf.metric,
@@ -746,16 +782,19 @@ class ExperimentInterrupted(RuntimeError):
 
 
 def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig) -> Path:
-    """Write ``best.json``, the ``best/`` model export, ``results.csv`` and ``search.png``; returns their folder."""
-    check_all_finished(results)
-    trials = trial_histories(results, raw)
+    """Write ``best.json``, the ``best/`` model export, ``results.csv`` and ``search.png`` into the experiment
+    folder; returns it. With cloud storage they are written into its local mirror (``utils.storage.mirror``),
+    then uploaded beside the trials, ``best.json`` last: a reader that finds it finds the rest."""
+    location = join(ray_conf.storage_path, Path(results.experiment_path).name)
+    check_all_finished(location, len(results))
+    trials = trial_histories(results, raw, location)
     best, checkpoint, metrics = pick_best(results, ray_conf)
-    experiment = summary_folder(results, ray_conf)
-    model = export_best(checkpoint, experiment / BEST_MODEL_DIR)
+    experiment = mirror(location) if is_uri(location) else Path(location)
+    export_best(checkpoint, experiment / BEST_MODEL_DIR)
     summary = {
         "trial_id": metrics["trial_id"],
-        "model": str(model),
-        "checkpoint": str(Path(checkpoint.path) / CHECKPOINT_FILE),
+        "model": str(join(location, BEST_MODEL_DIR)),
+        "checkpoint": str(join(as_location(checkpoint.path, ray_conf.storage_path), CHECKPOINT_FILE)),
         "metric": ray_conf.metric,
         "mode": ray_conf.mode,
         "value": float(metrics[ray_conf.metric]),
@@ -765,6 +804,9 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig
     }
     write_json(summary, experiment / BEST_FILE)
     write_results(trials, ray_conf, experiment)
+    if is_uri(location):
+        for name in (BEST_MODEL_DIR, RESULTS_TABLE, SEARCH_PLOT, BEST_FILE):
+            upload(experiment / name, join(location, name))
     log.info(
         "best trial %s: %s = %.4f at epoch %g with %s",
         summary["trial_id"],
@@ -773,45 +815,52 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig
         summary["epoch"],
         summary["trial_params"],
     )
-    log.info("wrote %s, %s/, %s and %s in %s", BEST_FILE, BEST_MODEL_DIR, RESULTS_TABLE, SEARCH_PLOT, experiment)
+    log.info("wrote %s, %s/, %s and %s in %s", BEST_FILE, BEST_MODEL_DIR, RESULTS_TABLE, SEARCH_PLOT, location)
     return experiment
 
 
-def check_all_finished(results: tune.ResultGrid) -> None:
-    """Raise ``ExperimentInterrupted`` with the resume command unless every trial ended (finished or failed).
+def check_all_finished(experiment: str | Path, trials: int) -> None:
+    """Raise ``ExperimentInterrupted`` with the resume command unless every trial of the experiment (a folder or
+    URI) ended, finished or failed.
 
     After Ctrl-C, Tune marks the trials it cut short as terminated in memory; the experiment
     state it saved on the way out still says which ones were pending or running.
     """
-    saved = tune.ExperimentAnalysis(results.experiment_path).trials
+    saved = tune.ExperimentAnalysis(str(experiment)).trials
     unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
     if unfinished:
         raise ExperimentInterrupted(
-            f"{unfinished} of {len(results)} trials did not finish; "
-            f"continue with: python main.py --resume {results.experiment_path}"
+            f"{unfinished} of {trials} trials did not finish; continue with: python main.py --resume {experiment}"
         )
 
 
-def trial_histories(results: tune.ResultGrid, raw: dict[str, Any]) -> list[TrialHistory]:
-    """Per-trial parameters, status and per-epoch metrics, with a line logged for each failed trial.
+def trial_histories(results: tune.ResultGrid, raw: dict[str, Any], experiment: str | Path) -> list[TrialHistory]:
+    """Per-trial parameters, status, per-epoch metrics and, for a failed trial, its error (also logged).
 
-    The status is ``ERROR`` (failed), ``STOPPED`` (ended before its last epoch by the scheduler or the
-    plateau stopper) or ``TERMINATED`` (trained every epoch).
+    The status is ``ERROR`` (failed: Tune's retries were spent, or a deterministic error recorded in the trial's
+    ``failure.json`` ended it at once), ``STOPPED`` (ended before its last epoch by the scheduler or the plateau
+    stopper) or ``TERMINATED`` (trained every epoch).
     """
     trials = []
     for result in results:
         params = dict(result.config or {})
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         planned = validate(with_overrides(raw, params)).param_conf.num_epochs  # num_epochs may be searched
+        failure_file = join(experiment, Path(result.path).name, FAILURE_FILE)
+        error = None
         if result.error is not None:
-            log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1])
+            error = str(result.error).strip().splitlines()[-1]
+        elif exists(failure_file):
+            error = read_json_at(failure_file)["reason"]
+        if error is not None:
+            log.error("trial %s failed: %s", Path(result.path).name, error)
             status = "ERROR"
         elif "epoch" in history and len(history) and history["epoch"].max() < planned:
             status = "STOPPED"
         else:
             status = "TERMINATED"
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        trials.append(TrialHistory(trial_id, params, status, history))
+        trials.append(TrialHistory(trial_id, params, status, history, error))
     return trials
 
 
@@ -828,22 +877,15 @@ def pick_best(results: tune.ResultGrid, ray_conf: RayConfig) -> tuple[tune.Resul
         return best, checkpoint, metrics
     history = best.metrics_dataframe
     if history is not None and CHECKPOINT_PATH_KEY in history:
-        kept = history[
-            history[CHECKPOINT_PATH_KEY].map(lambda p: isinstance(p, str) and Path(p, CHECKPOINT_FILE).is_file())
-        ]
+        # Ray Train's paths carry no scheme on a cloud filesystem: as locations under storage_path
+        paths = history[CHECKPOINT_PATH_KEY].map(
+            lambda p: as_location(p, ray_conf.storage_path) if isinstance(p, str) else None
+        )
+        kept = history[paths.map(lambda p: p is not None and exists(join(p, CHECKPOINT_FILE)))]
         if len(kept):
             row = kept.loc[kept[ray_conf.metric].idxmax() if ray_conf.mode == "max" else kept[ray_conf.metric].idxmin()]
-            return best, tune.Checkpoint(row[CHECKPOINT_PATH_KEY]), row.to_dict()
+            return best, tune.Checkpoint(paths[row.name]), row.to_dict()
     raise RuntimeError("no trial kept a checkpoint; see the errors above")
-
-
-def summary_folder(results: tune.ResultGrid, ray_conf: RayConfig) -> Path:
-    """The experiment folder for local storage; with a cloud URI, ``~/ray_results/<experiment>`` on the driver."""
-    if is_local(ray_conf.storage_path):
-        return Path(results.experiment_path)
-    folder = Path.home() / "ray_results" / Path(results.experiment_path).name
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def export_best(checkpoint: tune.Checkpoint, folder: Path) -> Path:
@@ -856,11 +898,6 @@ def write_results(trials: list[TrialHistory], ray_conf: RayConfig, experiment: P
     """``results.csv`` (one row per trial, best first) and ``search.png`` (the metric per epoch)."""
     write_csv(results_table(trials, ray_conf.metric, ray_conf.mode), experiment / RESULTS_TABLE)
     plot_metric(trials, ray_conf.metric, experiment / SEARCH_PLOT)
-
-
-def is_local(storage_path: str) -> bool:
-    """Whether ``storage_path`` is a folder rather than a cloud URI (``s3://...``)."""
-    return "://" not in storage_path
 
 
 if __name__ == "__main__":

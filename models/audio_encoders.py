@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from models.masked_norm import MaskedBatchNorm2d
 from models.pooling import valid_frames
 from models.registry import Registry, StrictModel, configured
 from models.weights import load_weights, read_safetensors
@@ -28,21 +29,23 @@ Dropout = Annotated[float, Field(ge=0, lt=1)]  # a probability; 1 would zero eve
 class ConvBlock(nn.Module):
     """Two 3x3 conv + batch-norm + ReLU layers, then 2x2 average pooling (the PANNs block).
 
-    ``valid`` ``(B, 1, T, 1)`` zeroes padded frames after each layer, so the convolutions see
-    the same zeros at a clip's end whether or not the clip was padded in its batch.
+    ``valid`` ``(B, 1, T, 1)`` marks the input's valid frames. The batch norms take their statistics over those
+    only and zero the padding, and the input is zeroed there too (after an odd length's pooling its last, half
+    padded, frame lies past the valid ones): the convolutions see the same zeros at a clip's end whether or not
+    the clip was padded in its batch, and in training a clip's output does not depend on its batch-mates' lengths.
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: int = 2) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn1 = MaskedBatchNorm2d(out_channels)
+        self.bn2 = MaskedBatchNorm2d(out_channels)
         self.pool = pool
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x))) * valid
-        x = F.relu(self.bn2(self.conv2(x))) * valid
+        x = F.relu(self.bn1(self.conv1(x * valid), valid))  # ReLU keeps the padding at 0
+        x = F.relu(self.bn2(self.conv2(x), valid))
         return F.avg_pool2d(x, self.pool) if self.pool > 1 else x
 
 
@@ -59,7 +62,7 @@ class ConvStackEncoder(nn.Module):
 
     def __init__(self, n_mels: int, channels: list[int], out_dim: int, dropout: float, last_pool: int = 2) -> None:
         super().__init__()
-        self.bn0 = nn.BatchNorm2d(n_mels)
+        self.bn0 = MaskedBatchNorm2d(n_mels)
         pools = [2] * (len(channels) - 1) + [last_pool]
         ins = [1] + channels[:-1]
         for i, (c_in, c_out, pool) in enumerate(zip(ins, channels, pools), start=1):
@@ -71,8 +74,9 @@ class ConvStackEncoder(nn.Module):
 
     def forward(self, logmels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T, M)`` log-mels and ``(B,)`` frame counts -> frames ``(B, T', C)`` and their valid counts."""
-        # logmels: (B, T, M) -> (B, 1, T, M); batch-norm over mel bands as in PANNs (bn0 sees M as channels).
-        x = self.bn0(logmels.unsqueeze(1).transpose(1, 3)).transpose(1, 3) * time_mask(lengths, logmels.size(1))
+        # logmels: (B, T, M) -> (B, M, T, 1): batch-norm over mel bands as in PANNs (bn0 sees M as channels), over
+        # the valid frames -> (B, 1, T, M), zero past each clip's end
+        x = self.bn0(logmels.unsqueeze(1).transpose(1, 3), time_mask(lengths, logmels.size(1))).transpose(1, 3)
         for i, pool in enumerate(self.pools, start=1):
             x = getattr(self, f"conv_block{i}")(x, time_mask(lengths, x.size(2)))
             x = F.dropout(x, self.dropout, self.training)

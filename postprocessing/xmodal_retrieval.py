@@ -64,6 +64,7 @@ from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
 from utils.experiments import find_model
 from utils.metrics import caption_ranks, retrieval_metrics
+from utils.storage import publish_new_files
 from utils.stores import write_csv, write_json
 
 log = logging.getLogger("xmodal_retrieval")
@@ -166,17 +167,18 @@ def main() -> None:
     with exit_on_input_error():
         model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         out_dir = args.out_dir or folder
-        evaluate(
-            model_path,
-            out_dir,
-            args.split,
-            args.untrained,
-            args.rescore,
-            args.device,
-            args.per_query,
-            report=args.report,
-            report_examples=args.report_examples,
-        )
+        with publish_new_files(out_dir):  # a cloud experiment's mirror: what this writes goes up beside it
+            evaluate(
+                model_path,
+                out_dir,
+                args.split,
+                args.untrained,
+                args.rescore,
+                args.device,
+                args.per_query,
+                report=args.report,
+                report_examples=args.report_examples,
+            )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from utils.checkpoints import build_model, load_trained_model, read_model_config
 from utils.experiments import find_model
 from utils.inference import SplitEmbeddings, encode_split
 from utils.runtime import resolve_device, seed_everything
+from utils.storage import publish_new_files
 from utils.stores import atomic_h5
 from utils.tower_stores import check_inputs
 
@@ -108,7 +109,9 @@ def main() -> None:
     with exit_on_input_error():
         model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
         split = args.split or read_model_config(model_path).data.eval_split
-        write_scores(model_path, split, args.out_dir or folder, args.untrained, args.device)
+        out_dir = args.out_dir or folder
+        with publish_new_files(out_dir):  # a cloud experiment's mirror: what this writes goes up beside it
+            write_scores(model_path, split, out_dir, args.untrained, args.device)
 
 
 if __name__ == "__main__":

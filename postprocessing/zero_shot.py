@@ -76,6 +76,7 @@ from utils.config import Config
 from utils.errors import DatasetError, InputError
 from utils.experiments import find_model
 from utils.inference import AudioEmbeddings, encode_audio_files, encode_captions, load_for_inference, score_pairs
+from utils.storage import publish_new_files
 from utils.stores import atomic_path, read_csv
 
 log = logging.getLogger("zero_shot")
@@ -271,7 +272,9 @@ def main() -> None:
     setup_logging()
     with exit_on_input_error():
         model_path, folder = find_model(args.checkpoint, args.best, args.config, args.overrides, args.experiment)
-        classify(model_path, args.audio_dir, args.labels, args.output_dir or folder, args.template, args.device)
+        out_dir = args.output_dir or folder
+        with publish_new_files(out_dir):  # a cloud experiment's mirror: what this writes goes up beside it
+            classify(model_path, args.audio_dir, args.labels, out_dir, args.template, args.device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The tuning service under stress: early stopping, crashed trials, interrupted experiments, clusters."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -242,16 +244,46 @@ def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):
         validate(with_overrides(raw, {"ray_conf.search_space": {"optimizer.lr": {"grid": [0.1, 0.01]}}}))
 
 
-def test_data_parallel_trial_with_two_workers(tiny_raw, ray_session):
+def process_titles() -> list[tuple[int, str]]:
+    """``(pid, command line)`` of this machine's processes (Ray workers show their actor there)."""
+    titles = []
+    for folder in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            titles.append((int(folder.name), (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+    return titles
+
+
+def kill_a_worker_after_the_first_checkpoint(storage: Path, killed: list[tuple[int, int]]) -> None:
+    """Once the data-parallel run has saved a checkpoint, SIGKILL one Ray Train worker process (a real crash);
+    records ``(pid, checkpoints saved by then)``."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        saved = list(storage.glob("*/*_data_parallel/checkpoint_*"))
+        workers = [pid for pid, title in process_titles() if title.startswith("ray::RayTrainWorker")]
+        if saved and workers:
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append((workers[0], len(saved)))
+            return
+        time.sleep(0.1)
+
+
+def test_data_parallel_trial_with_two_workers_is_resumed_from_its_checkpoint_when_a_worker_dies(
+    tiny_raw, ray_session, tmp_path
+):
     raw = with_overrides(
-        tiny_raw, {"param_conf.num_epochs": 2, "ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 0.9}
+        tiny_raw, {"param_conf.num_epochs": 3, "ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 0.9}
     )
+    killed: list[tuple[int, int]] = []
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "runs", killed))
+    killer.start()
     experiment = run_experiment(validate(raw), raw)
+    killer.join()
+    assert killed and killed[0][1] < 3  # a worker died mid-trial, with 1 or 2 of the 3 epochs saved
     best = json.loads((experiment / "best.json").read_text())
     assert "_data_parallel" in best["checkpoint"] and (experiment / "best" / "model.safetensors").is_file()
     (trial,) = trial_folders(experiment)
-    assert epochs(trial) == [1, 2]
-    assert pd.read_csv(experiment / "results.csv")["epochs_run"].tolist() == [2]
+    assert epochs(trial) == [1, 2, 3]  # restarted from its checkpoint: no epoch trained or reported twice
+    assert pd.read_csv(experiment / "results.csv")["status"].tolist() == ["TERMINATED"]
 
 
 def test_trial_larger_than_the_cluster_is_refused(tiny_raw, ray_session):
@@ -277,17 +309,24 @@ def test_plateau_stopper_ends_a_flat_trial(tiny_raw, ray_session):
     assert pd.read_csv(experiment / "results.csv")["status"].tolist() == ["STOPPED"]
 
 
-def test_a_trial_whose_loss_turns_nan_fails_alone_with_its_reason(tiny_raw, tiny_dataset, tmp_path, ray_session):
+def test_a_trial_whose_loss_turns_nan_fails_once_alone_with_its_reason(tiny_raw, tiny_dataset, tmp_path, ray_session):
+    """max_failures retries a crash, but not a trial that would fail the same way again: it ends at once."""
     poisoned = tmp_path / "poisoned"
     shutil.copytree(tiny_dataset, poisoned)
     with h5py.File(poisoned / "development_logmel.h5", "r+") as f:
         f["logmel"][:5] = np.nan  # what preprocessing refuses to write, as if a file were corrupted later
     raw = with_overrides(
-        tiny_raw, {"ray_conf.search_space": {"data.dataset_dir": {"grid": [str(tiny_dataset), str(poisoned)]}}}
+        tiny_raw,
+        {
+            "ray_conf.search_space": {"data.dataset_dir": {"grid": [str(tiny_dataset), str(poisoned)]}},
+            "ray_conf.max_failures": 3,
+        },
     )
     experiment = run_experiment(validate(raw), raw)
     table = pd.read_csv(experiment / "results.csv").set_index("param/data.dataset_dir")
     assert table.loc[str(poisoned), "status"] == "ERROR" and table.loc[str(tiny_dataset), "status"] == "TERMINATED"
-    (error_file,) = experiment.glob("train_trial*/error.txt")
-    assert "FloatingPointError: loss became nan after" in error_file.read_text()
+    assert table.loc[str(poisoned), "error"].startswith("FloatingPointError: loss became nan after")
+    (failure,) = experiment.glob("train_trial*/failure.json")
+    assert json.loads(failure.read_text())["reason"] == table.loc[str(poisoned), "error"]
+    assert not list(experiment.glob("train_trial*/error.txt"))  # Tune saw no error: the trial ran once, not 4 times
     assert json.loads((experiment / "best.json").read_text())["trial_params"]["data.dataset_dir"] == str(tiny_dataset)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from utils.config_files import load_raw, set_path
+from utils.config_files import is_uri, load_raw, set_path
 from utils.errors import InputError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf.yaml"
@@ -22,11 +22,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     ``--device`` the model's own config decides."""
     parser.add_argument(
         "--best",
-        type=Path,
-        help="best.json of an experiment (default: that of the newest finished run of --experiment)",
+        type=location_arg,
+        help="best.json of an experiment, a path or a URI (default: that of the newest finished run of --experiment)",
     )
     parser.add_argument(
-        "--checkpoint", type=Path, help="a checkpoint.pt or exported model folder instead of best.json's"
+        "--checkpoint",
+        type=location_arg,
+        help="a checkpoint.pt or exported model folder (a path or a URI) instead of best.json's",
     )
     parser.add_argument(
         "--config",
@@ -37,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--experiment",
         help="an experiment name (its newest finished run), a folder name under ray_conf.storage_path or an "
-        "experiment folder (default: the config's experiment)",
+        "experiment folder or URI (default: the config's experiment)",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="where to run the model (default: the model config's device)"
@@ -47,6 +49,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         help="dotted overrides of the config that names the experiment, e.g. ray_conf.storage_path=/data/runs",
     )
+
+
+def location_arg(text: str) -> str | Path:
+    """An argparse type for a file or folder that may live in the cloud: a URI stays a string (``Path`` would
+    collapse its ``//``), anything else becomes a ``Path``."""
+    return text if is_uri(text) else Path(text)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

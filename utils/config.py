@@ -31,9 +31,10 @@ from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
 from models.registry import StrictModel
 from utils.audio import CropConfig, FeatureConfig
-from utils.config_files import describe, load_raw, validation_message
+from utils.config_files import describe, is_uri, load_raw, validation_message
 from utils.config_files import with_overrides as apply_overrides
 from utils.errors import ConfigError
+from utils.storage import check_uri
 from utils.stores import DataConfig
 from utils.text import TextEmbeddingConfig
 
@@ -223,7 +224,7 @@ class WandbConfig(StrictModel):
 class RayConfig(StrictModel):
     """How Ray Tune runs the trials; only ``main.py`` reads this section."""
 
-    storage_path: str  # absolute folder or a cloud URI (s3://, gs://)
+    storage_path: str  # absolute folder or a cloud URI (s3://bucket/prefix, gs://...; AWS_* environment for S3)
     num_samples: PositiveInt = 1
     metric: str = "val/t2a_mAP@10"
     mode: Literal["min", "max"] = "max"
@@ -236,6 +237,9 @@ class RayConfig(StrictModel):
     dashboard_host: str = "127.0.0.1"
     verbose: int = Field(1, ge=0, le=3)
     max_failures: NonNegativeInt = 1  # retries of a crashed trial, each from its latest checkpoint
+    # seconds between uploads of the experiment's state and trial logs to storage_path (Ray's default, 300 s, can
+    # lose five minutes of finished trials to a driver killed hard); checkpoints upload as they are saved
+    sync_period: PositiveFloat = 10.0
     search_alg: Literal["random", "optuna"] = "random"  # random/grid sampling, or Optuna's TPE
     scheduler: TrialSchedulerConfig  # no default: how trials are stopped is each experiment's choice
     plateau_stopper: PlateauStopperConfig | None = None
@@ -248,6 +252,11 @@ class RayConfig(StrictModel):
     @classmethod
     def _no_search_is_one_trial(cls, search_space: SearchSpace | None) -> SearchSpace:
         return search_space or {}
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_is_a_folder_or_supported_uri(cls, storage_path: str) -> str:
+        return check_uri(storage_path) if is_uri(storage_path) else storage_path
 
     @field_validator("metric")
     @classmethod
@@ -268,7 +277,7 @@ class RayConfig(StrictModel):
 
     @model_validator(mode="after")
     def _mlflow_file_store_needs_a_folder(self) -> RayConfig:
-        if self.mlflow is not None and self.mlflow.tracking_uri is None and "://" in self.storage_path:
+        if self.mlflow is not None and self.mlflow.tracking_uri is None and is_uri(self.storage_path):
             raise ValueError(
                 f"mlflow.tracking_uri must be given when storage_path is a URI ({self.storage_path}): the default "
                 "MLflow file store lives in a local storage_path"

@@ -150,6 +150,11 @@ def with_overrides(
     return out
 
 
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` is a URI (``s3://bucket/key``) rather than a local path."""
+    return "://" in str(location)
+
+
 def load_raw(
     config_path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None
 ) -> dict[str, Any]:
@@ -171,7 +176,7 @@ def load_raw(
     raw = with_overrides(raw, dict(parse_override(o) for o in overrides or []), schema)
 
     def absolute(value: Any) -> Any:
-        if isinstance(value, str) and "://" not in value:
+        if isinstance(value, str) and not is_uri(value):
             return str((config_path.parent / Path(value).expanduser()).resolve())
         return value
 

@@ -23,6 +23,7 @@ class TrialHistory:
     params: dict[str, Any]
     status: str  # TERMINATED (every epoch), STOPPED (early, by the scheduler or stopper) or ERROR
     history: pd.DataFrame  # one row per reported epoch, columns = metric names
+    error: str | None = None  # a failed trial's error, one line
 
 
 def as_epoch(value: float) -> int | float:
@@ -38,6 +39,7 @@ def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.Data
         row: dict[str, Any] = {
             "trial_id": trial.trial_id,
             "status": trial.status,
+            "error": trial.error,
             **{f"param/{k}": describe(v) for k, v in trial.params.items()},
         }
         if metric in trial.history and trial.history[metric].notna().any():

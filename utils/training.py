@@ -15,6 +15,7 @@ from torch import nn
 
 from models.dual_encoder import DualEncoderModel
 from models.losses import LOSSES
+from models.masked_norm import synchronise_batch_norms
 from models.weights import load_weights
 from utils.checkpoints import build_model, load_checkpoint, model_inputs, save_checkpoint
 from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
@@ -233,7 +234,11 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     # tower may hold parameters that no loss reaches (a pooler, layers past the one read): DDP must not wait
     # for their gradients.
     unused = any(p.requires_grad for tower in (model.audio_encoder, model.text_encoder) for p in _backbone(tower))
-    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world_size > 1 else model
+    trained = model
+    if world_size > 1:
+        # every worker normalises with the batch statistics of the global batch's valid frames, as one process would
+        synchronise_batch_norms(model)
+        trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
 
     def validate_and_report(progress: float, train_loss: float, lrs: dict[str, float], epoch_end: bool) -> None:
         val_loss = run_epoch(model, val_loader, criterion, device)
