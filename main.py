@@ -11,6 +11,7 @@ interrupted experiment. Only this file talks to Ray; the training loop is ``util
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import ipaddress
 import itertools
@@ -544,6 +545,7 @@ def make_tune_config(config: Config) -> tune.TuneConfig:
         mode=ray_conf.mode,
         num_samples=ray_conf.num_samples,
         max_concurrent_trials=ray_conf.max_concurrent_trials,
+        reuse_actors=ray_conf.reuse_actors,
         search_alg=OptunaSearch(seed=config.seed) if ray_conf.search_alg == "optuna" else None,
         scheduler=make_scheduler(ray_conf, config.param_conf.num_epochs),
     )
@@ -697,10 +699,15 @@ def train_trial(trial_params: dict[str, Any], base_config: dict[str, Any]) -> No
     # in the trial's folder in storage (its local folder has the same name): the record of a deterministic failure
     trial_folder = Path(context.get_trial_dir()).name
     failure_file = str(join(config.ray_conf.storage_path, context.get_experiment_name(), trial_folder, FAILURE_FILE))
-    if config.ray_conf.workers_per_trial > 1:
-        train_data_parallel(config, failure_file)
-    else:
-        run_training(config, tune.get_checkpoint(), tune.report, tune.Checkpoint, failure_file)
+    try:
+        if config.ray_conf.workers_per_trial > 1:
+            train_data_parallel(config, failure_file)
+        else:
+            run_training(config, tune.get_checkpoint(), tune.report, tune.Checkpoint, failure_file)
+    finally:  # with ray_conf.reuse_actors the next trial runs in this process: it gets this one's memory back
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a model hub
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for the throwaway test clusters
 
+from bench.many_trials import TINY_CNN
 from preprocessing.audio_logmel import extract_split
 from preprocessing.clotho_dataset import index_split
 from preprocessing.demo_dataset import SPLITS, write_demo_dataset
@@ -22,14 +23,8 @@ from utils.stores import audio_table, text_table
 from utils.text import load_sentence_model
 
 TINY_OVERRIDES = [
-    "param_conf.num_epochs=1",
+    *TINY_CNN,  # one epoch of a tiny CNN on the CPU, quietly: what the trial-overhead benchmark runs too
     "param_conf.batch_size=16",
-    "model.embed_dim=16",
-    "model.audio_enc.channels=[4, 8]",
-    "model.audio_enc.out_dim=16",
-    "device=cpu",
-    "ray_conf.include_dashboard=false",
-    "ray_conf.verbose=0",
     "ray_conf.search_space={}",
     "ray_conf.scheduler={name: FIFO}",  # tests that stop trials early choose their scheduler themselves
 ]

@@ -25,6 +25,7 @@ SCRIPTS = [
     "postprocessing/xmodal_scores.py",
     "postprocessing/xmodal_retrieval.py",
     "postprocessing/zero_shot.py",
+    "bench/many_trials.py",
     "example/retrieve.py",
     "example/index.py",
     "example/search.py",
