@@ -103,7 +103,8 @@ def script(path: str, *args: str, env: dict[str, str]) -> subprocess.CompletedPr
 SEARCH = (
     "ray_conf.max_concurrent_trials=1",
     "ray_conf.sync_period=1",
-    "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.001, 0.0003]}}",  # one after the other
+    # five trials one after the other: trials of the tiny models, in reused processes, take a few seconds each
+    "ray_conf.search_space={optimizer.lr: {grid: [0.003, 0.002, 0.001, 0.0005, 0.0003]}}",
 )
 
 
@@ -158,19 +159,23 @@ def test_search_killed_hard_is_resumed_from_the_bucket_and_scored_from_it(tiny_d
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver started
-    assert proc.returncode == -signal.SIGKILL and len(done) < 3  # killed mid-search
+    assert proc.returncode == -signal.SIGKILL and len(done) < 5, done  # killed mid-search
     kept = objects(client, f"{prefix}/{done[0]}/")
     assert any("/checkpoint_" in k for k in kept) and any(k.endswith("progress.csv") for k in kept)
     assert f"{prefix}/best.json" not in keys(client, prefix)
 
     experiment = f"s3://{BUCKET}/{prefix}"
     resumed = run_main("--resume", experiment, env=env)
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output[-3000:]
+    try:
+        output = resumed.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        resumed.kill()
+        output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output[-5000:]
     after = objects(client, prefix + "/")
     assert {k: after.get(k) for k in kept} == kept  # the finished trial was kept byte for byte, not rerun
     progress = sorted(k for k in after if k.endswith("/progress.csv"))
-    assert len(progress) == 3 and all(after[k].decode().count("\n") == 2 for k in progress)  # header + 1 epoch
+    assert len(progress) == 5 and all(after[k].decode().count("\n") == 2 for k in progress)  # header + 1 epoch
     for name in ("base_config.json", "best.json", "results.csv", "search.png", "best/model.safetensors"):
         assert f"{prefix}/{name}" in after, name
     best = json.loads(after[f"{prefix}/best.json"])
