@@ -108,11 +108,9 @@ SEARCH = (
 )
 
 
-def recipe_args(recipe: str, dataset: Path, storage: str, tmp_path: Path) -> list[str]:
-    """main.py's arguments: the default conf.yaml shrunk as in the other tests, or the Whisper-embedder recipe
-    (a frozen transformers tower computed once into a store, a trainable text tower) with tiny random models."""
-    if recipe == "default":
-        return overrides(dataset, storage, *SEARCH)
+def whisper_args(dataset: Path, storage: str, tmp_path: Path) -> list[str]:
+    """main.py's arguments for the Whisper-embedder recipe (a frozen transformers tower computed once into a
+    store, a trainable text tower) with tiny random models, one trial."""
     models = {"whisper": tiny_whisper(tmp_path / "whisper"), "roberta": tiny_roberta(tmp_path / "roberta")}
     return [
         "--config",
@@ -133,23 +131,22 @@ def recipe_args(recipe: str, dataset: Path, storage: str, tmp_path: Path) -> lis
         "ray_conf.gpus_per_trial=0",
         "ray_conf.cpus_per_trial=1",
         "ray_conf.scheduler={name: FIFO}",
-        *SEARCH,
+        "ray_conf.search_space={}",
     ]
 
 
-@pytest.mark.parametrize("recipe", ["default", "whisper_embedder"])
-def test_search_killed_hard_is_resumed_from_the_bucket_and_scored_from_it(tiny_dataset, s3_env, tmp_path, recipe):
+def test_search_killed_hard_is_resumed_from_the_bucket_and_scored_from_it(tiny_dataset, s3_env):
     env, client = s3_env
-    storage = f"s3://{BUCKET}/{recipe}"
+    storage = f"s3://{BUCKET}/default"
     # Tune snapshots its experiment state every 10 s or more ("auto"): every second here, so that the kill below
     # lands while trials are still to run
     fast_state = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    proc = run_main(*recipe_args(recipe, tiny_dataset, storage, tmp_path), env=fast_state, start_new_session=True)
+    proc = run_main(*overrides(tiny_dataset, storage, *SEARCH), env=fast_state, start_new_session=True)
     try:  # (its own process group above, so that no Ray process outlives the test)
         deadline, done, prefix = time.time() + 240, [], None
         while time.time() < deadline and not done:  # until the bucket's experiment state records a finished trial
             time.sleep(1)
-            configs = [k for k in keys(client, f"{recipe}/") if k.endswith("/base_config.json")]
+            configs = [k for k in keys(client, "default/") if k.endswith("/base_config.json")]
             if configs:
                 prefix = configs[0].rsplit("/", 1)[0]
                 done = finished_trials(client, prefix + "/")
@@ -188,11 +185,36 @@ def test_search_killed_hard_is_resumed_from_the_bucket_and_scored_from_it(tiny_d
     metrics = json.loads(objects(client, f"{prefix}/retrieval_metrics.json")[f"{prefix}/retrieval_metrics.json"])
     assert metrics["split"] == "evaluation" and 0 <= metrics["t2a"]["mAP@10"] <= 1
     assert {f"{prefix}/evaluation_scores.h5", f"{prefix}/evaluation.report.html"} <= set(keys(client, prefix))
-    if recipe != "default":
-        return  # the same download path as for scoring
     retrieved = script("example/retrieve.py", "--best", f"{experiment}/best.json", "--gallery", "evaluation", env=env)
     assert retrieved.returncode == 0, retrieved.stderr[-3000:]
     assert re.search(r"\.wav", retrieved.stdout)
+
+
+def test_a_transformers_tower_recipe_is_stored_in_the_bucket_and_scored_from_it(tiny_dataset, s3_env, tmp_path):
+    """The Whisper-embedder recipe: its export names the frozen tower by model id, which scoring from the bucket
+    loads beside the downloaded weights."""
+    env, client = s3_env
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "main.py"),
+            *map(str, whisper_args(tiny_dataset, f"s3://{BUCKET}/whisper", tmp_path)),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (best_key,) = [k for k in keys(client, "whisper/") if k.endswith("/best.json")]
+    experiment = f"s3://{BUCKET}/{best_key.rsplit('/', 1)[0]}"
+    best = json.loads(client.get_object(Bucket=BUCKET, Key=best_key)["Body"].read())
+    assert best["model"] == f"{experiment}/best" and best["config"]["model"]["audio_enc"]["name"] == "WhisperEncoder"
+    scored = script("postprocessing/xmodal_retrieval.py", "--best", f"{experiment}/best.json", env=env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    metrics_key = best_key.replace("best.json", "retrieval_metrics.json")
+    metrics = json.loads(client.get_object(Bucket=BUCKET, Key=metrics_key)["Body"].read())
+    assert 0 <= metrics["t2a"]["mAP@10"] <= 1
 
 
 def test_a_bucket_that_cannot_be_used_is_one_line_before_ray_starts(tiny_dataset, s3_env, tmp_path):
