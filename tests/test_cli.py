@@ -26,6 +26,7 @@ SCRIPTS = [
     "postprocessing/xmodal_retrieval.py",
     "postprocessing/zero_shot.py",
     "bench/many_trials.py",
+    "bench/run.py",
     "example/retrieve.py",
     "example/index.py",
     "example/search.py",
