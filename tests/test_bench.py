@@ -6,11 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 from bench.run import MODULES
 
 
+@pytest.mark.slow  # trials in fresh processes and fresh interpreters: about 40 s
 def test_quick_run_writes_every_module_row(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     result = subprocess.run(

@@ -25,6 +25,7 @@ from test_tune_service import free_port, overrides, run_main
 from tiny_models import tiny_roberta, tiny_whisper
 
 BUCKET = "runs"
+pytestmark = pytest.mark.slow  # Ray searches through main.py
 
 
 @pytest.fixture(scope="module")
