@@ -8,8 +8,10 @@ matrix of ``xmodal_scores.py`` (computed first when missing), prints a table and
 names) into the experiment folder; ``--per-query`` also writes ``{split}.t2a_ranks.csv``, each
 caption's rank of its clip; ``--report`` also writes ``{split}.report.html``, one self-contained page
 (metrics, the search's results, recall@k and rank figures, the best- and worst-ranked captions with their
-top clips, playable). With no arguments it evaluates the best model of the newest
-finished run of the config's experiment on the evaluation split. Also runs as
+top clips, playable). ``--relevance FILE`` adds the DCASE 2025 protocol: several relevant clips per caption
+from a relevance table (``utils.relevance``; ``--relevance`` alone reads the dataset's
+``{split}_relevance.csv``), mAP@16 beside mAP@10, and a top-16 submission file. With no arguments it evaluates
+the best model of the newest finished run of the config's experiment on the evaluation split. Also runs as
 ``python -m postprocessing.xmodal_retrieval``.
 """
 
@@ -26,6 +28,7 @@ if not __package__:  # run as a file: import the project from its root, as `pyth
 from utils.cli import add_scoring_arguments, exit_on_input_error, make_parser, setup_logging
 
 REPORT_EXAMPLES = 5  # best- and worst-ranked captions the report shows by default
+DATASET_TABLE = "dataset"  # --relevance without a file: the dataset's own table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"best- and worst-ranked captions the report shows (default: {REPORT_EXAMPLES})",
     )
+    parser.add_argument(
+        "--relevance",
+        nargs="?",
+        const=DATASET_TABLE,
+        metavar="FILE",
+        help="a relevance table (CSV: caption or cid, fname, relevance; or DCASE 2025's query, audio_filenames): "
+        "also report the metrics with every clip it lists as relevant (DCASE 2025: mAP@16), and write the top "
+        "16 clips per caption; alone: the dataset's {split}_relevance.csv",
+    )
+    parser.add_argument(
+        "--relevance-threshold",
+        type=float,
+        metavar="T",
+        help="graded tables: grades >= T are relevant (default: any grade above 0); NDCG uses the grades as gains",
+    )
     return parser
 
 
@@ -62,14 +80,16 @@ import torch
 from postprocessing.report import experiment_folder, write_report
 from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
+from utils.config import Config
 from utils.experiments import find_model
-from utils.metrics import caption_ranks, retrieval_metrics
+from utils.metrics import DCASE2025_MAP_K, MAP_K, MetricKs, caption_ranks, retrieval_metrics, stable_topk
+from utils.relevance import read_relevance, relevance_matrix
 from utils.storage import publish_new_files
-from utils.stores import write_csv, write_json
+from utils.stores import relevance_csv, write_csv, write_json
 
 log = logging.getLogger("xmodal_retrieval")
 
-TOP_K = 10
+TOP_K = 10  # clips per caption in the submission file (DCASE 2022-2024)
 
 
 def format_table(metrics: dict[str, dict[str, float]], title: str) -> str:
@@ -83,9 +103,12 @@ def format_table(metrics: dict[str, dict[str, float]], title: str) -> str:
     return "\n".join(lines)
 
 
-def submission(scores: np.ndarray | torch.Tensor, fnames: list[str], captions: list[str]) -> pd.DataFrame:
-    """DCASE t2a submission: for each caption, the file names of its top-10 clips, best first."""
-    top = torch.as_tensor(scores).T.topk(min(TOP_K, scores.shape[0]), dim=1).indices.numpy()  # (n_captions, 10)
+def submission(
+    scores: np.ndarray | torch.Tensor, fnames: list[str], captions: list[str], top_k: int = TOP_K
+) -> pd.DataFrame:
+    """DCASE t2a submission: for each caption, the file names of its top ``top_k`` clips, best first (10; 16 for
+    the DCASE 2025 protocol), equal scores in file order."""
+    top = stable_topk(torch.as_tensor(scores).T, min(top_k, scores.shape[0])).numpy()  # (n_captions, top_k)
     table = pd.DataFrame(
         [[fnames[i] for i in row] for row in top], columns=[f"fname_{k + 1}" for k in range(top.shape[1])]
     )
@@ -104,12 +127,16 @@ def evaluate(
     *,
     report: bool = False,
     report_examples: int = REPORT_EXAMPLES,
+    relevance: str | Path | None = None,
+    relevance_threshold: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``split`` (default: the model config's eval split) unless its scores file is there already,
     print the metrics table, and write ``retrieval_metrics[_untrained].json`` and the submission CSV
     (with ``per_query``, each caption's rank of its clip too; with ``report``, the HTML report showing
-    ``report_examples`` best and worst captions) into ``out_dir``; returns the metrics."""
-    config = read_model_config(model_path) if split is None or report else None
+    ``report_examples`` best and worst captions) into ``out_dir``; returns the metrics. ``relevance``: a relevance
+    table (or ``"dataset"``: the dataset's own) whose metrics are added under ``"relevance"``, mAP@16 included,
+    and a submission of the top 16 clips per caption."""
+    config = read_model_config(model_path) if split is None or report or relevance else None
     split = split or config.data.eval_split
     path = scores_file(out_dir, split, untrained)
     if rescore or not path.is_file():
@@ -124,8 +151,14 @@ def evaluate(
         out_dir / f"{split}.t2a_retrieval{suffix}.csv",
     )
     summary = {"split": split, "checkpoint": str(model_path), "untrained": untrained, **metrics}
+    top_k = TOP_K
+    if relevance is not None:
+        summary["relevance"] = relevance_metrics(
+            scores, fnames, captions, caption_audio, relevance, relevance_threshold, config, split
+        )
+        top_k = DCASE2025_MAP_K
     write_json(summary, metrics_file)
-    write_csv(submission(scores, fnames, captions), submission_file)
+    write_csv(submission(scores, fnames, captions, top_k), submission_file)
     log.info("wrote %s and %s", metrics_file, submission_file)
     if per_query:
         ranks_file = out_dir / f"{split}.t2a_ranks{suffix}.csv"
@@ -157,6 +190,39 @@ def evaluate(
     return metrics
 
 
+def relevance_metrics(
+    scores: np.ndarray,
+    fnames: list[str],
+    captions: list[str],
+    caption_audio: np.ndarray,
+    table_file: str | Path,
+    threshold: float | None,
+    config: Config,
+    split: str,
+) -> dict[str, object]:
+    """The metrics of the DCASE 2025 protocol, every clip the relevance table lists counted relevant (mAP@10 and
+    mAP@16), printed as a second table; with the table's file, threshold and relevant clips per caption."""
+    dataset_dir = config.data.dataset_dir
+    path = relevance_csv(dataset_dir, split) if table_file == DATASET_TABLE else Path(table_file)
+    matrix = relevance_matrix(read_relevance(path, dataset_dir, split), fnames, captions, str(path))
+    metrics = retrieval_metrics(
+        scores, caption_audio, matrix, threshold=threshold, ks=MetricKs(map=(MAP_K, DCASE2025_MAP_K))
+    )
+    # relevant clips per caption: the distinct (clip, caption) pairs of the table reaching the threshold and of
+    # the pairing, over the captions
+    relevant = matrix.values() > 0 if threshold is None else matrix.values() >= threshold
+    audio, caption = matrix.indices()[:, relevant]
+    n_captions = len(captions)
+    own = torch.as_tensor(caption_audio) * n_captions + torch.arange(n_captions)
+    per_caption = torch.cat([audio * n_captions + caption, own]).unique().numel() / n_captions
+    print(
+        format_table(
+            metrics, f"DCASE 2025 protocol, relevance from {path}: {per_caption:.2f} relevant clips per caption"
+        )
+    )
+    return {"file": str(path), "threshold": threshold, "relevant_per_caption": per_caption, **metrics}
+
+
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
@@ -178,6 +244,8 @@ def main() -> None:
                 args.per_query,
                 report=args.report,
                 report_examples=args.report_examples,
+                relevance=args.relevance,
+                relevance_threshold=args.relevance_threshold,
             )
 
 

@@ -5,7 +5,15 @@ and falling chirps, click trains, a low hum) with varying counts, order, loudnes
 length over faint background noise. Five paraphrased captions per clip say what is heard
 and in which order, so retrieval needs both the event types and their order.
 
-Deterministic: the same ``--seed`` writes byte-identical files.
+Two variants (``--variant``): ``distinct`` (the default) gives every clip its own captions
+(counts and loudness included), so each caption fits one clip. ``shared`` draws the clips of
+a split from a pool of 2.5 times fewer scenes (event kinds in order, beep pitch) and varies
+only what captions do not say (counts, loudness, gaps, lengths, background), so a caption
+fits every clip of its scene (one caption in five also gives the counts, and fits only the
+clips with those counts): 2.8 relevant clips per caption on average, listed in
+``{split}_relevance.csv`` (``caption,fname,relevance``).
+
+Deterministic: the same ``--seed`` and ``--variant`` write byte-identical files.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if not __package__:  # run as a file: import the project from its root, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,7 +33,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from utils.cli import make_parser, setup_logging
-from utils.stores import captions_csv, write_csv
+from utils.stores import captions_csv, relevance_csv, write_csv
 
 if TYPE_CHECKING:
     from utils.config import Config
@@ -35,6 +43,7 @@ log = logging.getLogger("demo_dataset")
 SPLITS = ("development", "validation", "evaluation")  # Clotho's split names
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"  # conf.yaml's data.dataset_dir
 DEMO_CLIPS = {"development": 300, "validation": 100, "evaluation": 100}
+VARIANTS = ("distinct", "shared")  # write_demo_dataset's variants: one clip per caption, or several
 
 SAMPLE_RATE = 16000
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
@@ -126,6 +135,25 @@ EVENT_PHRASES = {
 }
 CONNECTORS = ["then", "followed by", "and after that", "before", "and then"]
 LOUDNESS = {"quiet": ["quiet", "soft", "faint"], "loud": ["loud", "strong", "intense"]}
+# The shared variant's phrases for beeps and clicks whose count is not said: true of any count.
+COUNT_FREE_PHRASES = {
+    "beeps": [
+        "{p} beeping",
+        "a {p}-pitched beeping",
+        "a {p} tone beeping",
+        "a {p} beeping sound",
+        "beeping at a {p} pitch",
+    ],
+    "clicks": [
+        "sharp clicks",
+        "a rapid series of clicks",
+        "ticking sounds",
+        "some clicking",
+        "quick taps",
+    ],
+}
+# The shared variant's openings: none says anything about the sound, so loudness stays unsaid.
+SHARED_FRAMES = ["{}", "you can hear {}", "first {}", "a recording of {}", "in this clip, {}", "we hear {}"]
 
 
 def _event(rng: np.random.Generator) -> tuple[dict, np.ndarray]:
@@ -153,6 +181,15 @@ def _phrase(rng: np.random.Generator, spec: dict, variant: int) -> str:
     return text
 
 
+def _join(phrases: list[str], variant: int) -> str:
+    """The events' phrases in order, joined by caption ``variant``'s connector ("before" reads only between two)."""
+    connector = CONNECTORS[variant]
+    if connector == "before" and len(phrases) > 1:
+        return f" {connector} ".join(phrases)
+    connector = "then" if connector == "before" else connector
+    return f", {connector} ".join(phrases)
+
+
 def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
     """One scene: ``(wave (samples,), five captions)``."""
     n_events = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
@@ -168,12 +205,7 @@ def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
     captions = []
     for variant in rng.permutation(5):
         phrases = [_phrase(rng, spec, int((variant + k) % 5)) for k, (spec, _) in enumerate(events)]
-        connector = CONNECTORS[variant]
-        if connector == "before" and len(phrases) > 1:
-            text = f" {connector} ".join(phrases)
-        else:
-            connector = "then" if connector == "before" else connector
-            text = f", {connector} ".join(phrases)
+        text = _join(phrases, variant)
         adjective = LOUDNESS[loud][variant % 3]
         text = (
             f"{'you can hear ' if variant == 3 else ''}{text}, all {adjective}"
@@ -184,19 +216,146 @@ def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
     return np.clip(scene, -1.0, 1.0).astype(np.float32), captions
 
 
-def write_demo_dataset(out_dir: Path, clips_per_split: dict[str, int], seed: int = 0) -> None:
-    """Write ``{split}/*.wav`` and ``{split}_captions.csv`` (``fname,raw_text,text``) under ``out_dir``."""
+class Event(NamedTuple):
+    """One sound event of a shared-variant scene; in what a caption says, ``None`` = not said."""
+
+    kind: str  # a key of EVENT_PHRASES
+    pitch: str | None = None  # beeps: a key of PITCH_HZ
+    count: int | None = None  # beeps (1-4) and clicks (3-8)
+
+
+Scene = tuple[Event, ...]  # a clip's events in order, or what one caption says of them
+CLIPS_PER_CONTENT = 2.5  # a shared-variant split has about n_clips / this different contents
+# Every possible content of a scene: 1-3 events, each of 8 kinds-with-pitch (beeps of three pitches, five others).
+N_CONTENTS = sum((len(EVENT_PHRASES) - 1 + len(PITCH_HZ)) ** n for n in (1, 2, 3))
+
+
+def fits(said: Scene, heard: Scene) -> bool:
+    """Whether a caption that says ``said`` fits a clip of scene ``heard``: the same events in the same order,
+    and every pitch and count the caption gives is the clip's."""
+    return len(said) == len(heard) and all(
+        s.kind == h.kind and s.pitch in (None, h.pitch) and s.count in (None, h.count) for s, h in zip(said, heard)
+    )
+
+
+def _content(rng: np.random.Generator) -> Scene:
+    """What shared-variant captions always say of a scene: its event kinds in order, with the beeps' pitch."""
+    kinds = rng.choice(list(EVENT_PHRASES), size=int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25])))
+    return tuple(Event(str(k), str(rng.choice(list(PITCH_HZ))) if k == "beeps" else None) for k in kinds)
+
+
+def _count(rng: np.random.Generator, kind: str) -> int | None:
+    if kind == "beeps":
+        return int(rng.integers(1, 5))
+    return int(rng.integers(3, 9)) if kind == "clicks" else None
+
+
+def _shared_phrase(rng: np.random.Generator, event: Event, template: int) -> str:
+    if event.count is None and event.kind in COUNT_FREE_PHRASES:
+        return COUNT_FREE_PHRASES[event.kind][template].format(p=event.pitch)
+    return _phrase(rng, {key: value for key, value in event._asdict().items() if value is not None}, template)
+
+
+def shared_captions(rng: np.random.Generator, scene: Scene) -> list[tuple[str, Scene]]:
+    """Five captions of a shared-variant clip, each with what it says: the events and pitches, and for one of
+    them, drawn at random, the counts too; never loudness, lengths or gaps."""
+    # (5,) connector per caption, (events, 5) phrase template per event and caption: the five always differ
+    connectors, templates = rng.permutation(5), [rng.permutation(5) for _ in scene]
+    counted, frames = rng.integers(5), rng.integers(len(SHARED_FRAMES), size=5)
+    captions = []
+    for i in range(5):
+        said = scene if i == counted else tuple(event._replace(count=None) for event in scene)
+        phrases = [_shared_phrase(rng, event, int(template[i])) for event, template in zip(said, templates)]
+        text = SHARED_FRAMES[frames[i]].format(_join(phrases, int(connectors[i])))
+        captions.append((text[0].upper() + text[1:] + ".", said))
+    return captions
+
+
+def shared_scenes(rng: np.random.Generator, n_clips: int) -> list[tuple[Scene, list[tuple[str, Scene]]]]:
+    """A shared-variant split: each clip's scene and its five captions with what they say (``shared_captions``).
+    The scenes' contents come from a pool of ``n_clips / CLIPS_PER_CONTENT`` different ones, each used at least
+    once and the other clips spread over them at random (groups of 1 to about 8 clips); each clip then gets its
+    own counts. A count-free caption fits its group: about 3.1 clips for the average clip, 2.8 with the counted
+    captions (DCASE 2025's evaluation split: 2.8)."""
+    pool: list[Scene] = []
+    while len(pool) < min(max(1, round(n_clips / CLIPS_PER_CONTENT)), N_CONTENTS):
+        content = _content(rng)
+        if content not in pool:  # different contents: a caption fits one group (and, with counts, part of it)
+            pool.append(content)
+    extra = rng.integers(len(pool), size=max(0, n_clips - len(pool)))
+    picks = rng.permutation(np.concatenate([np.arange(len(pool)), extra]))[:n_clips]
+    scenes = [tuple(event._replace(count=_count(rng, event.kind)) for event in pool[pick]) for pick in picks]
+    return [(scene, shared_captions(rng, scene)) for scene in scenes]
+
+
+def render_scene(rng: np.random.Generator, scene: Scene) -> np.ndarray:
+    """A shared-variant clip ``(samples,)``: the scene's events at their counts, with what captions do not say
+    drawn here (loudness, lengths, gaps, chirp ranges, hum pitch, background level)."""
+    gain = rng.uniform(0.08, 0.9)
+    pieces = [np.zeros(int(rng.uniform(0.2, 0.8) * SAMPLE_RATE))]
+    for event in scene:
+        if event.kind == "beeps":
+            wave = _beeps(rng, event.pitch, event.count)
+        elif event.kind == "clicks":
+            wave = _clicks(rng, event.count)
+        elif event.kind in ("rising", "falling"):
+            wave = _chirp(rng, event.kind == "rising")
+        else:
+            wave = _noise(rng) if event.kind == "noise" else _hum(rng)
+        pieces += [wave * gain, np.zeros(int(rng.uniform(0.2, 0.7) * SAMPLE_RATE))]
+    scene_wave = np.concatenate(pieces)
+    scene_wave = scene_wave + rng.standard_normal(scene_wave.size) * rng.uniform(0.001, 0.01)
+    return np.clip(scene_wave, -1.0, 1.0).astype(np.float32)
+
+
+def relevance_table(fnames: list[str], scenes: list[tuple[Scene, list[tuple[str, Scene]]]]) -> pd.DataFrame:
+    """Every (caption, clip) pair of a shared-variant split in which the caption ``fits`` the clip, its own clip
+    included: ``caption,fname,relevance`` (1.0), one row per caption text and clip, captions in order."""
+    # A caption's text settles what it says (each phrase names its kind, pitch and any count): the first is kept.
+    said_by_text: dict[str, Scene] = {}
+    for _, captions in scenes:
+        for text, said in captions:
+            said_by_text.setdefault(text, said)
+    fitting = {
+        said: [fname for fname, (heard, _) in zip(fnames, scenes) if fits(said, heard)]
+        for said in dict.fromkeys(said_by_text.values())
+    }
+    rows = [(text, fname, 1.0) for text, said in said_by_text.items() for fname in fitting[said]]
+    return pd.DataFrame(rows, columns=["caption", "fname", "relevance"])
+
+
+def write_demo_dataset(
+    out_dir: Path, clips_per_split: dict[str, int], seed: int = 0, variant: str = "distinct"
+) -> None:
+    """Write ``{split}/*.wav`` and ``{split}_captions.csv`` (``fname,raw_text,text``) under ``out_dir``; the
+    ``shared`` variant (``VARIANTS``) also writes ``{split}_relevance.csv`` (``relevance_table``) for each split."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
     rng = np.random.default_rng(seed)
     for split, n_clips in clips_per_split.items():
         (out_dir / split).mkdir(parents=True, exist_ok=True)
+        fnames = [f"{split[:3]}_scene_{i:04d}.wav" for i in range(n_clips)]
+        if variant == "distinct":  # drawn clip by clip, as the published demo was
+            clips = (make_clip(rng) for _ in fnames)
+        else:  # every scene and caption first, then each clip's sound
+            scenes = shared_scenes(rng, n_clips)
+            clips = ((render_scene(rng, scene), [text for text, _ in captions]) for scene, captions in scenes)
         rows = []
-        for i in tqdm(range(n_clips), desc=f"demo {split}", unit="clip", leave=False):
-            wave, captions = make_clip(rng)
-            fname = f"{split[:3]}_scene_{i:04d}.wav"
+        for fname, (wave, captions) in tqdm(
+            zip(fnames, clips), total=n_clips, desc=f"demo {split}", unit="clip", leave=False
+        ):
             sf.write(out_dir / split / fname, wave, SAMPLE_RATE, subtype="PCM_16")
             rows += [{"fname": fname, "raw_text": c, "text": c.lower().rstrip(".").replace(",", "")} for c in captions]
         write_csv(pd.DataFrame(rows), captions_csv(out_dir, split))
-        log.info("%s: %d clips, %d captions", split, n_clips, len(rows))
+        table_file = relevance_csv(out_dir, split)
+        if variant == "distinct":
+            table_file.unlink(missing_ok=True)  # a shared variant's table left here would not fit these clips
+            log.info("%s: %d clips, %d captions", split, n_clips, len(rows))
+            continue
+        relevance = relevance_table(fnames, scenes)
+        write_csv(relevance, table_file)
+        per_caption = relevance.groupby("caption").size()[[row["raw_text"] for row in rows]].mean()
+        log.info("%s: %d clips, %d captions, %.2f relevant clips per caption", split, n_clips, len(rows), per_caption)
 
 
 def prepare_demo(config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: int | None = None) -> None:
@@ -236,9 +395,16 @@ def main() -> None:
         help="clips per split: development validation evaluation (default: 300 100 100)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="distinct",
+        help="distinct: each caption fits one clip (default); shared: clips drawn from 2.5 times fewer scenes, "
+        "a caption fits 2.8 clips on average, listed in {split}_relevance.csv",
+    )
     args = parser.parse_args()
     setup_logging()
-    write_demo_dataset(args.dataset_dir, dict(zip(SPLITS, args.clips)), args.seed)
+    write_demo_dataset(args.dataset_dir, dict(zip(SPLITS, args.clips)), args.seed, args.variant)
 
 
 if __name__ == "__main__":

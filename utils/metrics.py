@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10)
 MAP_K = 10
+DCASE2025_MAP_K = 16  # the DCASE 2025 protocol ranks systems on mAP@16, with several relevant clips per caption
 NDCG_KS = (5, 10)
 
 
@@ -15,63 +18,179 @@ def first_relevant_rank(scores: torch.Tensor, relevant: torch.Tensor) -> torch.T
     ``relevant`` ``(n_query, n_item)``: 1 + the items scored higher than it + those tied with it that come first
     in item order (a stable descending sort), counted without sorting the rows. No relevant item: ``n_item + 1``."""
     best = scores.masked_fill(~relevant, float("-inf"))
-    value, index = best.max(dim=1, keepdim=True)  # (n_query, 1): the first of the best if several tie
-    before = torch.arange(scores.size(1), device=scores.device)[None, :] < index
-    ahead = (scores > value) | ((scores == value) & before)
-    return torch.where(relevant.any(dim=1), 1 + ahead.sum(dim=1), scores.size(1) + 1)
+    value, index = best.max(dim=1)  # (n_query,): the first of the best if several tie
+    return _rank_of(scores, value, index, relevant.any(dim=1))
 
 
-def _ranked_metrics(scores: torch.Tensor, relevant: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics for queries in rows of ``scores`` ``(n_query, n_item)`` with boolean ``relevant`` of the same shape,
-    and the ``(n_query, k)`` 0/1 relevance of each query's top k."""
-    k = min(max(MAP_K, *RECALL_KS, *NDCG_KS), scores.size(1))
-    top = scores.topk(k, dim=1).indices  # (n_query, k), best first
-    hits = relevant.gather(1, top).float()  # (n_query, k): 1 where the ranked item is relevant
-    n_relevant = relevant.sum(dim=1).clamp(min=1)  # (n_query,)
+def _rank_of(scores: torch.Tensor, value: torch.Tensor, index: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """The 1-based stable rank of item ``index[q]`` scored ``value[q]`` in row q of ``scores`` ``(n_query, n_item)``;
+    ``n_item + 1`` where ``found[q]`` is false."""
+    # counted in float32 (exact below 2**24 items), several times faster than summing booleans into int64
+    ahead = (scores > value[:, None]).float().sum(dim=1)
+    tied = (scores == value[:, None]).float().sum(dim=1) > 1  # float ties are rare: resolve them in those rows only
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        before = torch.arange(scores.size(1), device=scores.device)[None, :] < index[rows, None]
+        ahead[rows] += ((scores[rows] == value[rows, None]) & before).float().sum(dim=1)
+    return torch.where(found, 1 + ahead.long(), scores.size(1) + 1)
+
+
+@dataclass
+class Judgements:
+    """The relevant (query, item) pairs of one retrieval direction, sorted by query then item: ``query``,
+    ``item`` ``(nnz,)`` long and ``grade`` ``(nnz,)`` float (the NDCG gain); ``relevant`` ``(nnz,)`` bool marks the
+    pairs whose grade reaches the threshold (the others count for NDCG only)."""
+
+    query: torch.Tensor
+    item: torch.Tensor
+    grade: torch.Tensor
+    relevant: torch.Tensor
+
+    @staticmethod
+    def of(
+        query: torch.Tensor, item: torch.Tensor, grade: torch.Tensor, n_item: int, threshold: float | None
+    ) -> Judgements:
+        """From ``(nnz,)`` query and item indices and grades of distinct pairs, in any order; ``threshold`` None:
+        every positive grade is relevant."""
+        keep = grade > 0
+        query, item, grade = query[keep], item[keep], grade[keep].float()
+        order = torch.argsort(query * n_item + item)
+        query, item, grade = query[order], item[order], grade[order]
+        return Judgements(query, item, grade, grade > 0 if threshold is None else grade >= threshold)
+
+    def lookup(self, n_item: int, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grade and relevance of each query's ranked items ``top`` ``(n_query, k)``: two ``(n_query, k)``
+        tensors, 0 and False for pairs not judged. The pairs are keyed by ``query * n_item + item`` (ascending, as
+        ``of`` sorts them) and found by binary search, so no dense ``(n_query, n_item)`` mask is built."""
+        keys = self.query * n_item + self.item  # (nnz,) ascending; never empty: every caption has its clip
+        wanted = torch.arange(top.size(0), device=top.device)[:, None] * n_item + top  # (n_query, k)
+        at = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
+        judged = keys[at] == wanted
+        return torch.where(judged, self.grade[at], 0.0), judged & self.relevant[at]
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices ``(n_query, k)`` of each row's k best items, best first, equal scores in item order (what a
+    stable descending sort gives; ``torch.topk`` leaves the order of ties open). Rows where a tie straddles the
+    cut-off are sorted whole; the others only within their top k."""
+    value, top = scores.topk(min(k + 1, scores.size(1)), dim=1)  # one more: does a tie straddle the cut-off?
+    straddle = value[:, k - 1] == value[:, k] if value.size(1) > k else torch.zeros(len(top), dtype=torch.bool)
+    value, top = value[:, :k], top[:, :k]
+    order = torch.sort(top, dim=1).indices  # by index, then stably by falling score
+    top = top.gather(1, order)
+    top = top.gather(1, torch.sort(value.gather(1, order), dim=1, descending=True, stable=True).indices)
+    if straddle.any():
+        rows = straddle.nonzero().squeeze(1)
+        top[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+    return top
+
+
+def _ranked_metrics(scores: torch.Tensor, judged: Judgements, ks: MetricKs) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics for queries in rows of ``scores`` ``(n_query, n_item)`` judged by ``judged``, and the
+    ``(n_query, k)`` 0/1 relevance of each query's top k."""
+    n_query, n_item = scores.shape
+    k = min(max(*ks.map, *ks.recall, *ks.ndcg), n_item)
+    top = stable_topk(scores, k)  # (n_query, k), best first
+    gain, relevant = judged.lookup(n_item, top)
+    hits = relevant.float()  # (n_query, k): 1 where the ranked item is relevant
+    counts = torch.zeros(n_query, dtype=torch.long).index_add_(0, judged.query, judged.relevant.long())
+    n_relevant = counts.clamp(min=1)  # (n_query,)
     out = {}
     ranks = torch.arange(1, k + 1, device=scores.device, dtype=torch.float)
     precision_at = hits.cumsum(dim=1) / ranks  # (n_query, k): precision at each cut-off
-    map_k = min(MAP_K, k)
-    ap = (precision_at[:, :map_k] * hits[:, :map_k]).sum(dim=1) / n_relevant
-    out[f"mAP@{MAP_K}"] = ap.mean().item()
-    for r in RECALL_KS:
+    for m in ks.map:
+        cut = min(m, k)
+        ap = (precision_at[:, :cut] * hits[:, :cut]).sum(dim=1) / n_relevant
+        out[f"mAP@{m}"] = ap.mean().item()
+    for r in ks.recall:
         out[f"R@{r}"] = (hits[:, :r].sum(dim=1) / n_relevant).mean().item()
-    # binary NDCG: DCG = sum of 1 / log2(p + 1) over relevant items at positions p <= k, over the DCG of an ideal
-    # ranking (the query's relevant items first); ideal[i] is the DCG of i + 1 relevant items at the top
+    # NDCG: DCG = sum of gain / log2(p + 1) over the items at positions p <= k, over the DCG of an ideal ranking
+    # (the query's judged items by falling grade)
     gains = 1 / torch.log2(ranks + 1)  # (k,)
-    ideal = gains.cumsum(dim=0)
-    for n in NDCG_KS:
+    for n in ks.ndcg:
         cut = min(n, k)
-        dcg = (hits[:, :cut] * gains[:cut]).sum(dim=1)
-        out[f"NDCG@{n}"] = (dcg / ideal[n_relevant.clamp(max=cut) - 1]).mean().item()
-    first = first_relevant_rank(scores, relevant).float()
+        dcg = (gain[:, :cut] * gains[:cut]).sum(dim=1)
+        ideal = _ideal_dcg(judged, n_query, gains[:cut])
+        out[f"NDCG@{n}"] = torch.where(ideal > 0, dcg / ideal, 0.0).mean().item()  # 0 for a query with none
+    best = torch.full((n_query,), float("-inf")).scatter_reduce_(
+        0, judged.query[judged.relevant], scores[judged.query, judged.item][judged.relevant], "amax"
+    )
+    # the first relevant item in item order among those scored best (ties rank by index)
+    at_best = judged.relevant & (scores[judged.query, judged.item] == best[judged.query])
+    index = torch.full((n_query,), n_item).scatter_reduce_(0, judged.query[at_best], judged.item[at_best], "amin")
+    first = _rank_of(scores, best, index, counts > 0).float()
     out["mean_rank"] = first.mean().item()
     out["median_rank"] = first.quantile(0.5).item()  # the middle one, or the mean of the two middle ones
     return out, hits
 
 
+def _ideal_dcg(judged: Judgements, n_query: int, gains: torch.Tensor) -> torch.Tensor:
+    """Each query's DCG ``(n_query,)`` when its judged items come first by falling grade, cut to ``len(gains)``
+    positions."""
+    order = torch.sort(judged.grade, descending=True, stable=True).indices
+    order = order[torch.sort(judged.query[order], stable=True).indices]  # by query, grades falling within it
+    query, grade = judged.query[order], judged.grade[order]
+    start = torch.zeros(n_query + 1, dtype=torch.long)
+    start[1:] = torch.bincount(query, minlength=n_query).cumsum(0)
+    position = torch.arange(len(query)) - start[query]  # 0-based position of each item in its query's ideal ranking
+    keep = position < len(gains)
+    return torch.zeros(n_query).index_add_(0, query[keep], grade[keep] * gains[position[keep]])
+
+
+@dataclass(frozen=True)
+class MetricKs:
+    """The cut-offs reported: ``mAP@k`` for each of ``map``, ``R@k`` for ``recall``, ``NDCG@k`` for ``ndcg``."""
+
+    map: tuple[int, ...] = (MAP_K,)
+    recall: tuple[int, ...] = RECALL_KS
+    ndcg: tuple[int, ...] = NDCG_KS
+
+
 def retrieval_metrics(
-    scores: np.ndarray | torch.Tensor, caption_audio: np.ndarray | torch.Tensor
+    scores: np.ndarray | torch.Tensor,
+    caption_audio: np.ndarray | torch.Tensor,
+    relevance: torch.Tensor | None = None,
+    *,
+    threshold: float | None = None,
+    ks: MetricKs = MetricKs(),
 ) -> dict[str, dict[str, float]]:
     """Text-to-audio and audio-to-text retrieval metrics, both audio-to-text protocols labelled.
 
     ``scores``: ``(n_audio, n_captions)`` similarity, higher is better.
     ``caption_audio``: ``(n_captions,)`` row of ``scores`` holding each caption's clip.
+    ``relevance``: optional sparse ``(n_audio, n_captions)`` grades of further relevant pairs (a relevance table,
+    ``utils.relevance``, DCASE 2025): a pair is relevant when its grade reaches ``threshold`` (None: any positive
+    grade), and graded NDCG uses the grades as gains. Each caption's own clip stays relevant, with the table's
+    highest grade (1 without a table).
     ``t2a`` and ``a2t`` (the DCASE protocol): R@k = relevant items in the top k / all relevant items of the query;
-    mAP@10 = sum of precision at each relevant hit within the top 10 / number of relevant items; NDCG@5 and
-    NDCG@10 with binary relevance; ``mean_rank`` and ``median_rank`` of the first relevant item (1-based).
-    ``a2t_any`` (the CLAP-style protocol): R@k = 1 when any of the clip's captions is in its top k.
+    mAP@k = sum of precision at each relevant hit within the top k / number of relevant items (the DCASE 2025
+    baseline's definition; ``ks.map``, 10 by default, 16 for DCASE 2025); NDCG@5 and NDCG@10; ``mean_rank`` and
+    ``median_rank`` of the first relevant item (1-based). Ties rank the lower index first.
+    ``a2t_any`` (the CLAP-style protocol): R@k = 1 when any relevant caption is in the clip's top k.
     """
     scores = torch.as_tensor(scores, dtype=torch.float32)
     caption_audio = torch.as_tensor(caption_audio, dtype=torch.long)
     n_audio, n_captions = scores.shape
     if caption_audio.shape != (n_captions,):
         raise ValueError(f"caption_audio has shape {tuple(caption_audio.shape)}, expected ({n_captions},)")
-    # relevant[a, c]: caption c describes clip a, shape (n_audio, n_captions)
-    relevant = caption_audio[None, :] == torch.arange(n_audio)[:, None]
-    t2a, _ = _ranked_metrics(scores.T, relevant.T)
-    a2t, hits = _ranked_metrics(scores, relevant)
-    a2t_any = {f"R@{r}": (hits[:, :r].sum(dim=1) > 0).float().mean().item() for r in RECALL_KS}
+    audio, text, grade = caption_audio, torch.arange(n_captions), torch.ones(n_captions)  # the pairing
+    if relevance is not None:
+        if tuple(relevance.shape) != (n_audio, n_captions):
+            raise ValueError(f"relevance has shape {tuple(relevance.shape)}, expected {(n_audio, n_captions)}")
+        relevance = relevance.coalesce()
+        values = relevance.values().float()
+        top = values.max() if len(values) else torch.tensor(1.0)
+        # the union, each pair once at its highest grade (a table may list the pairing itself); its own clip
+        # stays relevant to every caption, at the table's highest grade
+        both = torch.cat([relevance.indices(), torch.stack([audio, text])], dim=1)  # (2, nnz + n_captions)
+        unique, inverse = (both[0] * n_captions + both[1]).unique(return_inverse=True)
+        grade = torch.zeros(len(unique)).scatter_reduce_(
+            0, inverse, torch.cat([values, top.expand(n_captions)]), "amax", include_self=False
+        )
+        audio, text = unique // n_captions, unique % n_captions
+    t2a, _ = _ranked_metrics(scores.T, Judgements.of(text, audio, grade, n_audio, threshold), ks)
+    a2t, hits = _ranked_metrics(scores, Judgements.of(audio, text, grade, n_captions, threshold), ks)
+    a2t_any = {f"R@{r}": (hits[:, :r].sum(dim=1) > 0).float().mean().item() for r in ks.recall}
     return {"t2a": t2a, "a2t": a2t, "a2t_any": a2t_any}
 
 

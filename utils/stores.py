@@ -5,6 +5,7 @@ A dataset folder follows Clotho's layout, plus the files preprocessing writes::
     <dataset_dir>/{split}/*.wav              audio clips
     <dataset_dir>/clotho_captions_{split}.csv  file_name,caption_1..5 (Clotho as downloaded), or
     <dataset_dir>/{split}_captions.csv       fname,raw_text[,text] (any captions per clip)
+    <dataset_dir>/{split}_relevance.csv      caption,fname,relevance  (optional: more relevant clips, DCASE 2025)
     <dataset_dir>/{split}_audio.csv          fid,fname,duration       (clotho_dataset.py)
     <dataset_dir>/{split}_text.csv           cid,fid,fname,raw_text,text
     <dataset_dir>/{split}_logmel.h5          log-mels of every clip   (audio_logmel.py)
@@ -93,6 +94,11 @@ class DataConfig(StrictModel):
 
 def captions_csv(dataset_dir: Path, split: str) -> Path:
     return Path(dataset_dir) / f"{split}_captions.csv"
+
+
+def relevance_csv(dataset_dir: Path, split: str) -> Path:
+    """A split's relevance table (``utils.relevance``): every clip that fits a caption, beyond its own."""
+    return Path(dataset_dir) / f"{split}_relevance.csv"
 
 
 def release_captions_csv(dataset_dir: Path, split: str) -> Path:
