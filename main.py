@@ -5,7 +5,9 @@ samples ``ray_conf.search_space`` (random/grid or Optuna TPE), schedules the tri
 ASHA or PBT, optionally a plateau stopper), retries crashed trials from their checkpoints and
 selects on the validation metric. The experiment folder then holds ``best.json``, the
 self-contained ``best/`` model, ``results.csv`` and ``search.png``. ``--resume`` continues an
-interrupted experiment. Only this file talks to Ray; the training loop is ``utils/training.py``.
+interrupted experiment. A config with a ``distillation`` section and no teachers runs two experiments
+(salsa's two stages): the search, then a search distilling from its best trials. Only this file talks
+to Ray; the training loop is ``utils/training.py``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         metavar="EXPERIMENT_DIR",
-        help="continue an interrupted experiment (default: the newest run of the config's experiment); "
-        "it keeps its own saved config, so overrides are ignored",
+        help="continue an interrupted experiment (default: the newest run of the config's experiment, either "
+        "stage of a two-stage config); it keeps its own saved config, so overrides are ignored; a two-stage run's "
+        "first stage goes on to the second",
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. param_conf.batch_size=64 optimizer.lr=0.0005"
@@ -74,6 +77,7 @@ from transformers import AutoConfig
 
 from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
+from models.weights import load_weights
 from preprocessing.demo_dataset import DEMO_DIR, prepare_demo
 from preprocessing.tower_stores import (
     finish_audio_store,
@@ -82,22 +86,46 @@ from preprocessing.tower_stores import (
     write_audio_parts,
     write_text_store,
 )
-from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model
-from utils.config import SEARCH_SPACE_KINDS, Config, RayConfig, SearchSpace, load_config, validate, with_overrides
+from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model, load_trained_model
+from utils.config import (
+    SEARCH_SPACE_KINDS,
+    STAGE1_SUFFIX,
+    Config,
+    RayConfig,
+    SearchSpace,
+    load_config,
+    stage2_config,
+    stage_configs,
+    validate,
+    with_overrides,
+)
 from utils.config_files import describe, flatten, is_uri
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.extractors import CaptionTokens, make_extractor
 from utils.reporting import RESULTS_TABLE, SEARCH_PLOT, TrialHistory, as_epoch, plot_metric, results_table
 from utils.runtime import resolve_device
-from utils.storage import as_location, check_storage, exists, join, mirror, parent, read_json_at, upload, write_json_at
+from utils.storage import (
+    as_location,
+    check_storage,
+    exists,
+    file_time,
+    join,
+    mirror,
+    parent,
+    read_json_at,
+    upload,
+    write_json_at,
+)
 from utils.stores import audio_table, logmel_file, text_embeds_file, text_table, write_csv, write_json
+from utils.teachers import ensure_teacher_store, local_file, store_checkpoints
 from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
 
 log = logging.getLogger("main")
 
 BASE_CONFIG = "base_config.json"  # the raw config of an experiment, for --resume
+NEXT_STAGE = "next_stage.json"  # in a two-stage run's first experiment: the second's raw config, and its folder
 BEST_MODEL_DIR = "best"  # self-contained export of the best checkpoint
 FAILURE_FILE = "failure.json"  # in a trial's folder: why it ended without retries (DETERMINISTIC_ERRORS)
 # Errors that the same trial meets again on every retry (a diverged loss, unusable data or config, a batch that
@@ -128,29 +156,42 @@ def main() -> None:
                 if args.overrides:
                     log.warning("--resume keeps the experiment's saved config: ignoring %s", " ".join(args.overrides))
                 folder = None if args.resume == "latest" else location_arg(args.resume)
-                resume_experiment(folder, config.ray_conf.storage_path, config.experiment, args.address)
+                names = [config.experiment]
+                if config.distillation is not None and config.distillation.two_stage:
+                    names.append(f"{config.experiment}{STAGE1_SUFFIX}")
+                resume_experiment(folder, config.ray_conf.storage_path, names, args.address)
             else:
                 prepare_demo_if_missing(config)
                 check_before_ray(config, joins_cluster(args.address))
-                run_experiment(config, raw, args.address)
+                if config.distillation is not None and config.distillation.two_stage:
+                    run_two_stages(raw, args.address)
+                else:
+                    run_experiment(config, raw, args.address)
         except ExperimentInterrupted as err:
             log.warning("%s", err)
             sys.exit(130)
 
 
 def run_experiment(
-    config: Config, raw: dict[str, Any], address: str | None = None, callbacks: list[tune.Callback] | None = None
+    config: Config,
+    raw: dict[str, Any],
+    address: str | None = None,
+    callbacks: list[tune.Callback] | None = None,
+    name: str | None = None,
 ) -> Path:
     """Run a new Tuner, then write the experiment summary; returns the (local) folder that holds it.
 
     The raw config is saved as ``base_config.json`` in the experiment folder (or under its URI) first, so that
-    ``--resume`` rebuilds exactly the same trials whatever ``conf.yaml`` says by then.
+    ``--resume`` rebuilds exactly the same trials whatever ``conf.yaml`` says by then. ``name``: the folder's name
+    (default: a new ``<experiment>_<time>``). A distilling config's teachers' store is written first.
     """
     ray_conf = config.ray_conf
     init_ray(ray_conf, address)
     check_resources(ray_conf, ray.cluster_resources())
     prepare_stores(config)
-    name = new_experiment_name(config.experiment)
+    if config.distillation is not None:
+        prepare_teachers(config)
+    name = name or new_experiment_name(config.experiment)
     write_json_at(raw, join(ray_conf.storage_path, name, BASE_CONFIG))
     log.info("TensorBoard: tensorboard --logdir %s", join(ray_conf.storage_path, name))
     tuner = tune.Tuner(
@@ -162,16 +203,52 @@ def run_experiment(
     return summarise(tuner.fit(), raw, ray_conf)
 
 
-def resume_experiment(path: str | Path | None, storage_path: str, experiment: str, address: str | None = None) -> Path:
+def run_two_stages(raw: dict[str, Any], address: str | None = None) -> Path:
+    """salsa's two stages as two experiments (``utils.config.stage_configs``): the search without distillation,
+    then the search distilling from its best trials; returns the second's (local) folder. The first experiment's
+    folder holds the second's plan (``NEXT_STAGE``) from the start, so that ``--resume`` of it goes on to the
+    second stage."""
+    first, second = stage_configs(raw)
+    config = validate(first)
+    name = new_experiment_name(config.experiment)
+    location = join(config.ray_conf.storage_path, name)
+    write_json_at({"config": second, "experiment": None}, join(location, NEXT_STAGE))
+    log.info("stage 1 of 2: %s", location)
+    run_experiment(config, first, address, name=name)
+    return run_second_stage(location, address)
+
+
+def run_second_stage(first: str | Path, address: str | None = None) -> Path:
+    """The second stage of the two-stage run whose first experiment is ``first`` (finished): started, or resumed
+    when it was started before. Returns its (local) folder."""
+    plan = read_json_at(join(first, NEXT_STAGE))
+    if plan["experiment"] is not None and exists(join(plan["experiment"], BASE_CONFIG)):
+        log.info("stage 2 of 2 was started before: resuming %s", plan["experiment"])
+        return resume_experiment(plan["experiment"], "", [], address)
+    raw = stage2_config(plan["config"], str(first))
+    config = validate(raw)
+    name = new_experiment_name(config.experiment)
+    location = join(config.ray_conf.storage_path, name)
+    write_json_at(plan | {"experiment": str(location)}, join(first, NEXT_STAGE))
+    log.info("stage 2 of 2: %s, distilling from the best %d trial(s) of %s", location, config.distillation.top_k, first)
+    return run_experiment(config, raw, address, name=name)
+
+
+def resume_experiment(
+    path: str | Path | None, storage_path: str, experiments: list[str], address: str | None = None
+) -> Path:
     """Continue an interrupted experiment (a folder or a URI): finished trials are kept, unfinished and errored
-    ones continue from their latest checkpoints. ``path`` defaults to the newest run of ``experiment``."""
+    ones continue from their latest checkpoints; the first stage of a two-stage run then goes on to the second.
+    ``path`` defaults to the newest run of any of ``experiments`` under ``storage_path``."""
     if path is None:
         if is_uri(storage_path):
             check_storage(storage_path)
-        base_config = latest_experiment_file(storage_path, BASE_CONFIG, experiment)
-        if base_config is None:
-            raise ConfigError(f"no run of experiment {experiment!r} to resume under {storage_path}")
-        path = parent(base_config)
+        found = [f for name in experiments if (f := latest_experiment_file(storage_path, BASE_CONFIG, name))]
+        if not found:
+            raise ConfigError(
+                f"no run of experiment {' or '.join(map(repr, experiments))} to resume under {storage_path}"
+            )
+        path = parent(max(found, key=file_time))
     if is_uri(path):
         check_storage(str(path), "--resume")
     else:
@@ -183,7 +260,8 @@ def resume_experiment(path: str | Path | None, storage_path: str, experiment: st
     init_ray(ray_conf, address)
     log.info("resuming %s (TensorBoard: tensorboard --logdir %s)", path, path)
     tuner = tune.Tuner.restore(str(path), make_trainable(raw, ray_conf), resume_unfinished=True, resume_errored=True)
-    return summarise(tuner.fit(), raw, ray_conf)
+    folder = summarise(tuner.fit(), raw, ray_conf)
+    return run_second_stage(path, address) if exists(join(path, NEXT_STAGE)) else folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +495,37 @@ def prepare_stores(config: Config) -> None:
         for _, source, split in training_reads(variant):
             check_inputs(source, split)
     build_variants(config)
+
+
+def prepare_teachers(config: Config) -> None:
+    """Stage 2: the teachers' store (``utils.teachers``) written once, in a Ray task with a trial's resources,
+    unless it is up to date; then, when the student starts from the best teacher, every architecture the search
+    can choose is checked to take its weights."""
+    ray_conf = config.ray_conf
+    task = ray.remote(num_cpus=ray_conf.cpus_per_trial, num_gpus=ray_conf.gpus_per_trial)(teacher_task)
+    try:
+        location = ray.get(task.remote(config.model_dump(mode="json")))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, InputError):
+            raise err.cause from None
+        raise
+    if config.distillation.init_from_teacher:
+        best = store_checkpoints(local_file(location))[0]
+        weights = load_trained_model(local_file(best), torch.device("cpu"))[0].state_dict()
+        for chosen, variant in search_variants(config, ("model.", *STORE_KEYS))[0].items():
+            try:
+                load_weights(build_model(variant, torch.device("cpu")), weights, f"the best teacher {best}")
+            except InputError as err:
+                where = f"ray_conf.search_space: {chosen}: " if chosen else ""
+                raise ConfigError(f"distillation.init_from_teacher: {where}{err}") from None
+
+
+def teacher_task(config: dict[str, Any]) -> str:
+    """In a Ray worker: the teachers' store of ``config``, written unless up to date; returns its location."""
+    setup_logging()
+    resolved = validate(config)
+    torch.set_num_threads(max(1, int(resolved.ray_conf.cpus_per_trial)))
+    return str(ensure_teacher_store(resolved, resolve_device(resolved.device)))
 
 
 def store_task(config: dict[str, Any], split: str, side: str, part: int | None = None) -> None:
@@ -842,13 +951,14 @@ def check_all_finished(experiment: str | Path, trials: int) -> None:
 
 
 def trial_histories(results: tune.ResultGrid, raw: dict[str, Any], experiment: str | Path) -> list[TrialHistory]:
-    """Per-trial parameters, status, per-epoch metrics and, for a failed trial, its error (also logged).
+    """Per-trial parameters, status, per-epoch metrics, best kept checkpoint and, for a failed trial, its error (also
+    logged).
 
     The status is ``ERROR`` (failed: Tune's retries were spent, or a deterministic error recorded in the trial's
     ``failure.json`` ended it at once), ``STOPPED`` (ended before its last epoch by the scheduler or the plateau
     stopper) or ``TERMINATED`` (trained every epoch).
     """
-    trials = []
+    trials, ray_conf = [], validate(raw).ray_conf
     for result in results:
         params = dict(result.config or {})
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
@@ -867,22 +977,31 @@ def trial_histories(results: tune.ResultGrid, raw: dict[str, Any], experiment: s
         else:
             status = "TERMINATED"
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        trials.append(TrialHistory(trial_id, params, status, history, error))
+        kept = best_checkpoint(result, ray_conf)
+        checkpoint = str(join(as_location(kept[0].path, ray_conf.storage_path), CHECKPOINT_FILE)) if kept else None
+        trials.append(TrialHistory(trial_id, params, status, history, error, checkpoint))
     return trials
 
 
 def pick_best(results: tune.ResultGrid, ray_conf: RayConfig) -> tuple[tune.Result, tune.Checkpoint, dict[str, Any]]:
-    """The best trial over all its epochs, its best kept checkpoint and the metrics saved with that checkpoint.
+    """The best trial over all its epochs, its best kept checkpoint and the metrics saved with that checkpoint."""
+    best = results.get_best_result(ray_conf.metric, ray_conf.mode, scope="all")
+    kept = best_checkpoint(best, ray_conf)
+    if kept is None:
+        raise RuntimeError("no trial kept a checkpoint; see the errors above")
+    return best, *kept
+
+
+def best_checkpoint(result: tune.Result, ray_conf: RayConfig) -> tuple[tune.Checkpoint, dict[str, Any]] | None:
+    """A trial's best kept checkpoint by the selection metric, with the metrics saved with it; None if it kept none.
 
     Tune keeps the checkpoints of ordinary trials; a data-parallel trial's checkpoints are
     kept by Ray Train, and Tune only sees their paths in the ``checkpoint_path`` metric.
     """
-    best = results.get_best_result(ray_conf.metric, ray_conf.mode, scope="all")
     pick = max if ray_conf.mode == "max" else min
-    if best.best_checkpoints:
-        checkpoint, metrics = pick(best.best_checkpoints, key=lambda kept: kept[1][ray_conf.metric])
-        return best, checkpoint, metrics
-    history = best.metrics_dataframe
+    if result.best_checkpoints:
+        return pick(result.best_checkpoints, key=lambda kept: kept[1][ray_conf.metric])
+    history = result.metrics_dataframe
     if history is not None and CHECKPOINT_PATH_KEY in history:
         # Ray Train's paths carry no scheme on a cloud filesystem: as locations under storage_path
         paths = history[CHECKPOINT_PATH_KEY].map(
@@ -891,8 +1010,8 @@ def pick_best(results: tune.ResultGrid, ray_conf: RayConfig) -> tuple[tune.Resul
         kept = history[paths.map(lambda p: p is not None and exists(join(p, CHECKPOINT_FILE)))]
         if len(kept):
             row = kept.loc[kept[ray_conf.metric].idxmax() if ray_conf.mode == "max" else kept[ray_conf.metric].idxmin()]
-            return best, tune.Checkpoint(paths[row.name]), row.to_dict()
-    raise RuntimeError("no trial kept a checkpoint; see the errors above")
+            return tune.Checkpoint(paths[row.name]), row.to_dict()
+    return None
 
 
 def export_best(checkpoint: tune.Checkpoint, folder: Path) -> Path:

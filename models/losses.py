@@ -73,13 +73,27 @@ class ContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """The loss of ``(N, N)`` unscaled pair scores (``DualEncoderModel.forward``'s cosines), divided by the
         temperature or multiplied by a learnable ``logit_scale``."""
-        scores = scores / self.config.temperature if logit_scale is None else scores * logit_scale
-        return self.from_scores(scores, audio_ids)
+        return self.from_scores(self.scaled(scores, logit_scale), audio_ids)
+
+    def scaled(self, scores: torch.Tensor, logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled pair scores divided by the temperature, or multiplied by a learnable ``logit_scale``."""
+        return scores / self.config.temperature if logit_scale is None else scores * logit_scale
 
     def from_scores(self, scores: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
         """The loss of a ``(N, N)`` matrix of scaled pair scores (row: audio i, column: text j, the
         diagonal the given pairs) whose rows came from clips ``audio_ids`` ``(N,)``."""
         raise NotImplementedError
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """salsa's stage-2 loss: the cross-entropy between the student's scaled pair scores ``logits`` ``(N, N)`` (row:
+    audio i, column: text j) and the softmax of the teachers' ``teacher_logits`` (their averaged cosines divided by
+    the temperature), over the texts of each audio row and over the audios of each text column, each averaged over
+    its N anchors, then the two averaged. The targets carry no gradient."""
+    targets = teacher_logits.detach()
+    a2t = -(targets.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    t2a = -(targets.softmax(dim=0) * logits.log_softmax(dim=0)).sum(dim=0).mean()
+    return (a2t + t2a) / 2
 
 
 @LOSSES.register

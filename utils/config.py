@@ -298,6 +298,43 @@ class RayConfig(StrictModel):
         return self
 
 
+class DistillationConfig(StrictModel):
+    """salsa's stage 2 ("Estimated Audio-Caption Correspondences Improve Language-Based Audio Retrieval"): the
+    teachers' cosine scores between every clip and caption of the batch, averaged over the teachers and divided by
+    the temperature, are softmax targets of a cross-entropy in both directions (``models.losses.distillation_loss``),
+    added to the supervised loss. The teachers are the ``top_k`` best trials of a finished experiment (or named
+    checkpoints); their embeddings of the training split are stored once (``utils.teachers``).
+
+    With neither ``teachers`` nor ``checkpoints``, ``main.py`` runs both stages: the search without distillation
+    (experiment ``<experiment>-stage1``), then the search distilling from its best ``top_k`` trials, with the
+    ``stage2`` overrides applied (experiment ``<experiment>``)."""
+
+    teachers: str | None = None  # a finished experiment of main.py: its folder or URI
+    checkpoints: list[str] = []  # or teacher checkpoints / model exports by path (any recipe, the same dataset)
+    top_k: PositiveInt = 3  # the experiment's best trials taken as teachers (its best checkpoint each)
+    store: str | None = None  # the teachers' store; null: teachers_<split>_top<k>.h5 in the teachers' experiment
+    weight: NonNegativeFloat = 1.0  # of the distillation term
+    supervised_weight: NonNegativeFloat = 1.0  # of the criterion's loss; 0: the estimated targets alone
+    temperature: PositiveFloat | None = None  # the teachers' scores are divided by it; null: the student's
+    init_from_teacher: bool = True  # the student starts from the best teacher's weights (salsa's stage 2)
+    stage2: dict[str, Any] = {}  # two-stage runs: dotted overrides of the second stage (search space, epochs, ...)
+
+    @property
+    def two_stage(self) -> bool:
+        """No teachers given: ``main.py`` runs the search that makes them first."""
+        return self.teachers is None and not self.checkpoints
+
+    @model_validator(mode="after")
+    def _teachers_from_one_place(self) -> DistillationConfig:
+        if self.teachers is not None and self.checkpoints:
+            raise ValueError("give teachers (an experiment) or checkpoints, not both")
+        if self.checkpoints and self.store is None:
+            raise ValueError("checkpoints need store: the file where their embeddings of the training split go")
+        if self.stage2 and not self.two_stage:
+            raise ValueError("stage2 applies to two-stage runs only (teachers and checkpoints not given)")
+        return self
+
+
 class Config(StrictModel):
     """The whole resolved experiment configuration, saved inside every checkpoint."""
 
@@ -314,6 +351,7 @@ class Config(StrictModel):
     lr_scheduler: LRSchedulerConfig = ReduceLROnPlateauConfig()
     param_conf: ParamConfig
     ray_conf: RayConfig
+    distillation: DistillationConfig | None = None  # salsa's stage 2: teachers' estimated correspondences
     # named sub-configs that a section takes by name, on the command line or in a search space: with
     # {cnn14: {name: CNN14Encoder, ...}, ast: {name: ASTEncoder, ...}}, model.audio_enc: {grid: [cnn14, ast]}
     # searches across architectures, and results.csv names each trial's by its preset
@@ -379,6 +417,19 @@ class Config(StrictModel):
                 f"model.pooling.positions {self.model.pooling.positions} must equal model.text_enc.max_length "
                 f"{self.model.text_enc.max_length}: each audio position is scored against the same text position"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_fits_the_training(self) -> Config:
+        if self.distillation is None:
+            return self
+        if self.data.extra_train:
+            raise ValueError(
+                "distillation: the teachers' store covers data.dataset_dir's training split only; "
+                "data.extra_train must be empty"
+            )
+        if self.criterion.name == "SequenceContrastiveLoss":
+            raise ValueError("distillation needs one vector per clip and caption: not with SequenceContrastiveLoss")
         return self
 
     @model_validator(mode="after")
@@ -469,13 +520,44 @@ def _check_values(raw: dict[str, Any], values: dict[str, Any], where: str) -> No
         raise ConfigError(f"{where}{'.' if len(values) == 1 else ': '}{chosen} gives an {err}") from None
 
 
-def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:
-    """Load, override, resolve and validate; also checks the search space. Returns the config and its raw dict."""
-    raw = load_raw(config_path, overrides, Config)
-    config = validate(raw)
+STAGE1_SUFFIX = "-stage1"  # a two-stage run's first experiment: <experiment>-stage1; the second keeps <experiment>
+
+
+def stage_configs(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A two-stage config's two experiments (``DistillationConfig``): stage 1, the search without distillation, as
+    ``<experiment>-stage1``; stage 2, the same with the ``distillation.stage2`` overrides applied and its teachers
+    still to be set (``stage2_config``) to the stage-1 experiment."""
+    first = {key: value for key, value in raw.items() if key != "distillation"}
+    first["experiment"] = f"{raw['experiment']}{STAGE1_SUFFIX}"
+    second = dict(raw, distillation={k: v for k, v in raw["distillation"].items() if k != "stage2"})
+    return first, with_overrides(second, raw["distillation"].get("stage2", {}))
+
+
+def stage2_config(stage2: dict[str, Any], teachers: str) -> dict[str, Any]:
+    """The second stage's raw config with its teachers: the finished stage-1 experiment at ``teachers``."""
+    return with_overrides(stage2, {"distillation.teachers": teachers})
+
+
+def check_search(raw: dict[str, Any], config: Config) -> None:
+    """The search space (and PBT's mutations) of a validated config: every value it can take gives a valid config."""
     validate_search_space(raw, config.ray_conf.search_space)
     if isinstance(config.ray_conf.scheduler, PBTSchedulerConfig):
         validate_search_space(
             raw, config.ray_conf.scheduler.hyperparam_mutations, "ray_conf.scheduler.hyperparam_mutations"
         )
+
+
+def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:
+    """Load, override, resolve and validate; also checks the search space, and for a two-stage config both stages'
+    configs and searches (stage 2's keys reported under ``distillation.stage2``). Returns the config and its raw
+    dict."""
+    raw = load_raw(config_path, overrides, Config)
+    config = validate(raw)
+    check_search(raw, config)
+    if config.distillation is not None and config.distillation.two_stage:
+        try:
+            second = stage2_config(stage_configs(raw)[1], "stage1-placeholder")
+            check_search(second, validate(second))
+        except ConfigError as err:
+            raise ConfigError(f"distillation.stage2 gives a second stage that cannot run: {err}") from None
     return config, raw

@@ -7,9 +7,9 @@ What a tower reads depends on the tower (``audio_source``, ``text_source``):
 - text: precomputed caption vectors (Sentence-BERT's, or a frozen tower's: ``CaptionVectors``) or
   captions tokenised here, in the data loader (``CaptionTokenSource``).
 
-A batch is ``{"audio": {...}, "text": {...}, "audio_ids": (B,)}``; the two inner dicts are the towers'
-keyword inputs (``DualEncoderModel.forward``). Training reads the training split of ``data.dataset_dir`` and of
-every ``data.extra_train`` source (``TrainingPairs``), each from its own stores.
+A batch is ``{"audio": {...}, "text": {...}, "audio_ids": (B,), "caption_ids": (B,)}``; the two inner dicts are
+the towers' keyword inputs (``DualEncoderModel.forward``). Training reads the training split of
+``data.dataset_dir`` and of every ``data.extra_train`` source (``TrainingPairs``), each from its own stores.
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def usable_captions(config: Config, split: str, audio: AudioSource, text: TextSo
 
 
 class CaptionPairs(Dataset):
-    """One item per caption of ``split``: ``(audio item, text item, clip id)``, the clip id being the clip's
-    ``fid`` plus ``id_offset``; captions whose clip or vector is missing from the stores (dropped by
+    """One item per caption of ``split``: ``(audio item, text item, clip id, caption id)``, the clip id being the
+    clip's ``fid`` plus ``id_offset``; captions whose clip or vector is missing from the stores (dropped by
     preprocessing) are left out, so they cannot crash training."""
 
     def __init__(self, config: Config, split: str, id_offset: int = 0) -> None:
@@ -200,7 +200,7 @@ class CaptionPairs(Dataset):
     def __len__(self) -> int:
         return len(self.fids)
 
-    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, Any, int, int]:
         if self.rng is None:  # per process: DataLoader workers get their own torch seeds
             self.rng = np.random.default_rng(torch.initial_seed() % 2**32)
         fid = int(self.fids[i])
@@ -208,15 +208,18 @@ class CaptionPairs(Dataset):
             self.audio.sample(fid, self.rng),
             self.text.get(int(self.cids[i]), self.captions[i]),
             fid + self.id_offset,
+            int(self.cids[i]),
         )
 
-    def collate(self, items: list[tuple[Any, Any, int]]) -> dict[str, Any]:
-        """Batch items into the towers' inputs and the clip ids ``(B,)``."""
-        audio, text, fids = zip(*items)
+    def collate(self, items: list[tuple[Any, Any, int, int]]) -> dict[str, Any]:
+        """Batch items into the towers' inputs, the clip ids ``(B,)`` and the caption ids ``(B,)`` (the split's
+        ``cid``: what a teachers' store is keyed by)."""
+        audio, text, fids, cids = zip(*items)
         return {
             "audio": self.audio.collate(list(audio)),
             "text": self.text.collate(list(text)),
             "audio_ids": torch.tensor(fids, dtype=torch.long),
+            "caption_ids": torch.tensor(cids, dtype=torch.long),
         }
 
 

@@ -96,6 +96,8 @@ class SplitEmbeddings:
     text: torch.Tensor  # (n_captions, E)
     caption_audio: torch.Tensor  # (n_captions,) long
     score: Callable[[AudioEmbeddings, torch.Tensor], torch.Tensor]  # score_pairs with the model that embedded them
+    fids: np.ndarray | None = None  # (n_audio,) the clips' ids in the split's tables, when read from them
+    cids: np.ndarray | None = None  # (n_captions,) the captions' ids
 
     def scores(self) -> torch.Tensor:
         """Cosine similarity ``(n_audio, n_captions)`` of every pair (chunked through a text-aware head)."""
@@ -155,6 +157,8 @@ def encode_split(
         text=torch.cat(text_embeds),
         caption_audio=torch.tensor([row_of_fid[int(f)] for f in text_rows["fid"]], dtype=torch.long),
         score=functools.partial(score_pairs, model, device),
+        fids=fids,
+        cids=text_rows["cid"].to_numpy(np.int64),
     )
 
 

@@ -24,6 +24,7 @@ class TrialHistory:
     status: str  # TERMINATED (every epoch), STOPPED (early, by the scheduler or stopper) or ERROR
     history: pd.DataFrame  # one row per reported epoch, columns = metric names
     error: str | None = None  # a failed trial's error, one line
+    checkpoint: str | None = None  # its best kept checkpoint file (a path, or a URI under cloud storage)
 
 
 def as_epoch(value: float) -> int | float:
@@ -33,13 +34,15 @@ def as_epoch(value: float) -> int | float:
 
 
 def results_table(trials: list[TrialHistory], metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial: its parameters, status, epochs run and all metrics at its best epoch, best first."""
+    """One row per trial: its parameters, status, best kept checkpoint, epochs run and all metrics at its best
+    epoch, best first."""
     rows = []
     for trial in trials:
         row: dict[str, Any] = {
             "trial_id": trial.trial_id,
             "status": trial.status,
             "error": trial.error,
+            "checkpoint": trial.checkpoint,
             **{f"param/{k}": describe(v) for k, v in trial.params.items()},
         }
         if metric in trial.history and trial.history[metric].notna().any():

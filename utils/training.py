@@ -14,16 +14,17 @@ import torch
 from torch import nn
 
 from models.dual_encoder import DualEncoderModel
-from models.losses import LOSSES
+from models.losses import LOSSES, ContrastiveLoss, distillation_loss
 from models.masked_norm import synchronise_batch_norms
 from models.weights import load_weights
-from utils.checkpoints import build_model, load_checkpoint, model_inputs, save_checkpoint
-from utils.config import Config, LRSchedulerConfig, OptimizerConfig, ParamConfig
+from utils.checkpoints import build_model, load_checkpoint, load_trained_model, model_inputs, save_checkpoint
+from utils.config import Config, DistillationConfig, LRSchedulerConfig, OptimizerConfig, ParamConfig
 from utils.data import CaptionPairs, TrainingPairs, pair_loader, to_device
 from utils.distributed import gather_ids, gather_pairs, world
 from utils.inference import encode_split
 from utils.metrics import flatten_metrics, retrieval_metrics, sequence_metrics
 from utils.runtime import resolve_device, seed_everything
+from utils.teachers import TeacherScores, local_file, store_location
 from utils.tower_stores import check_inputs, extra_sources
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,35 @@ def make_lr_scheduler(
     return Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
 
 
+@dataclass
+class Distiller:
+    """salsa's stage 2 in the training loop: the teachers' scores of each batch and how their loss is weighed."""
+
+    teachers: TeacherScores
+    config: DistillationConfig
+
+    def combined(
+        self,
+        supervised: torch.Tensor,
+        logits: torch.Tensor,
+        audio_ids: torch.Tensor,
+        caption_ids: torch.Tensor,
+        criterion: ContrastiveLoss,
+        logit_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``supervised_weight`` x the criterion's loss + ``weight`` x the distillation loss of the student's
+        ``logits`` ``(N, N)`` against the teachers' averaged cosines of the same clips and captions, divided by
+        ``temperature`` (or scaled as the student's scores are)."""
+        teacher = self.teachers(audio_ids, caption_ids)  # (N, N) cosines
+        if self.config.temperature is not None:
+            teacher_logits = teacher / self.config.temperature
+        else:
+            teacher_logits = criterion.scaled(teacher, logit_scale)
+        return self.config.supervised_weight * supervised + self.config.weight * distillation_loss(
+            logits, teacher_logits
+        )
+
+
 def unwrap(model: nn.Module) -> DualEncoderModel:
     """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -99,6 +129,7 @@ def run_epoch(
     params: ParamConfig | None = None,
     schedule: Schedule | None = None,
     every_steps: Callable[[int, float], None] | None = None,
+    distiller: Distiller | None = None,
 ) -> float:
     """Mean loss over ``loader``; trains when an optimizer is given, else only evaluates.
 
@@ -107,7 +138,9 @@ def run_epoch(
     every optimizer step and a learnable temperature is clamped after it. In a data-parallel run the
     loss of each training step is taken over the global batch: every worker's embeddings are
     gathered, so the negatives are those of all workers. ``every_steps(step, mean loss so far)`` is
-    called after every ``params.val_every_steps``-th optimizer step of the epoch but the last.
+    called after every ``params.val_every_steps``-th optimizer step of the epoch but the last. With a
+    ``distiller``, the training loss adds the distillation term (``Distiller.combined``); evaluation scores the
+    criterion alone.
     """
     training = optimizer is not None
     params = params or ParamConfig(num_epochs=1)
@@ -128,7 +161,11 @@ def run_epoch(
                 scores = model(batch["audio"], batch["text"], gather)  # (N, N) cosines, N: the global batch
             if training:
                 audio_ids = gather_ids(audio_ids)
-            loss = criterion.from_pair_scores(scores.float(), audio_ids, logit_scale=base.scale())
+            logits = criterion.scaled(scores.float(), base.scale())  # (N, N)
+            loss = criterion.from_scores(logits, audio_ids)
+            if training and distiller is not None:
+                caption_ids = gather_ids(batch["caption_ids"])
+                loss = distiller.combined(loss, logits, audio_ids, caption_ids, criterion, base.scale())
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} after {batches} batches; lower the learning rate or check the features"
@@ -197,8 +234,9 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         check_inputs(source, source.data.train_split)
     if params.precision != "fp32" and device.type != "cuda":
         log.warning("param_conf.precision %s applies on CUDA only; training in fp32 on %s", params.precision, device)
+    training_pairs = TrainingPairs(config)  # the training split, and that of every data.extra_train source
     train_loader = pair_loader(
-        TrainingPairs(config),  # the training split, and that of every data.extra_train source
+        training_pairs,
         params.batch_size // world_size,
         shuffle=True,
         seed=config.seed,
@@ -216,6 +254,15 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
 
     inputs = model_inputs(config)
     model = build_model(config, device, inputs=inputs)
+    distiller = None
+    if config.distillation is not None:  # stage 2: the teachers' store was written before the search started
+        pairs = training_pairs.datasets[0]  # the only training source (no data.extra_train with distillation)
+        teachers = TeacherScores(local_file(store_location(config)), pairs.fids, pairs.cids)
+        distiller = Distiller(teachers, config.distillation)
+        if config.distillation.init_from_teacher and resume_from is None:
+            best = local_file(teachers.checkpoints[0])
+            load_weights(model, load_trained_model(best, device)[0].state_dict(), str(best))
+            log.info("the student starts from the best teacher's weights, %s", teachers.checkpoints[0])
     criterion = LOSSES.build(config.criterion)
     optimizer = make_optimizer(model, config.optimizer)
     steps_per_epoch = math.ceil(len(train_loader) / params.accumulate_grad_batches)
@@ -279,7 +326,9 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
                 current = {group["name"]: group["lr"] for group in optimizer.param_groups}
                 validate_and_report(epoch - 1 + step_no / steps_per_epoch, loss, current, epoch_end=False)
 
-            train_loss = run_epoch(trained, train_loader, criterion, device, optimizer, params, schedule, within)
+            train_loss = run_epoch(
+                trained, train_loader, criterion, device, optimizer, params, schedule, within, distiller
+            )
             validate_and_report(epoch, train_loss, lrs, epoch_end=True)
     except torch.OutOfMemoryError:
         # The trial fails with advice; other trials run in their own processes and go on.
