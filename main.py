@@ -78,7 +78,7 @@ from transformers import AutoConfig
 from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
 from models.weights import load_weights
-from preprocessing.demo_dataset import DEMO_DIR, prepare_demo
+from preprocessing.demo_dataset import DEMO_DIRS, prepare_demo
 from preprocessing.tower_stores import (
     finish_audio_store,
     plan_audio_store,
@@ -269,17 +269,19 @@ def resume_experiment(
 
 
 def prepare_demo_if_missing(config: Config) -> None:
-    """A first ``python main.py`` on a fresh clone: the embedded demo dataset (``conf.yaml``'s, under ``data/demo``)
-    is generated and preprocessed when its files are missing. Any other dataset is the user's to prepare."""
+    """A first ``python main.py`` on a fresh clone: the embedded demo dataset (``conf.yaml``'s, under ``data/demo``,
+    or the shared variant's under ``data/demo-shared``) is generated and preprocessed when its files are missing.
+    Any other dataset is the user's to prepare."""
     data = config.data
-    if data.dataset_dir.resolve() != DEMO_DIR:
+    folder = data.dataset_dir.resolve()
+    if folder not in DEMO_DIRS:
         return
     stores = (audio_table, text_table, logmel_file, text_embeds_file)
-    if all(store(DEMO_DIR, split).is_file() for split in data.splits() for store in stores):
+    if all(store(folder, split).is_file() for split in data.splits() for store in stores):
         return
-    log.info("the demo dataset %s is not ready: generating and preprocessing it (about a minute on 2 cores)", DEMO_DIR)
+    log.info("the demo dataset %s is not ready: generating and preprocessing it (about a minute on 2 cores)", folder)
     start = time.perf_counter()
-    prepare_demo(config)
+    prepare_demo(config, variant=DEMO_DIRS[folder])
     log.info("demo dataset ready in %.0f s", time.perf_counter() - start)
 
 

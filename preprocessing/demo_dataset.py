@@ -42,6 +42,8 @@ log = logging.getLogger("demo_dataset")
 
 SPLITS = ("development", "validation", "evaluation")  # Clotho's split names
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"  # conf.yaml's data.dataset_dir
+# the shared variant's folder (example/recipes/demo_two_stage.yaml): main.py makes each demo where it is missing
+DEMO_DIRS = {DEMO_DIR: "distinct", DEMO_DIR.with_name("demo-shared"): "shared"}
 DEMO_CLIPS = {"development": 300, "validation": 100, "evaluation": 100}
 VARIANTS = ("distinct", "shared")  # write_demo_dataset's variants: one clip per caption, or several
 
@@ -358,7 +360,9 @@ def write_demo_dataset(
         log.info("%s: %d clips, %d captions, %.2f relevant clips per caption", split, n_clips, len(rows), per_caption)
 
 
-def prepare_demo(config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: int | None = None) -> None:
+def prepare_demo(
+    config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: int | None = None, variant: str = "distinct"
+) -> None:
     """Make the demo dataset at ``config.data.dataset_dir`` ready to train on, as ``example/run_demo.sh`` does
     step by step: write the clips when a captions file is missing, then index them, extract the log-mels
     (``workers`` processes, default all cores) and embed the captions; each step keeps what is up to date."""
@@ -371,7 +375,7 @@ def prepare_demo(config: Config, clips: dict[str, int] = DEMO_CLIPS, workers: in
 
     dataset_dir, splits = config.data.dataset_dir, config.data.splits()
     if not all(captions_csv(dataset_dir, split).is_file() for split in splits):
-        write_demo_dataset(dataset_dir, clips)
+        write_demo_dataset(dataset_dir, clips, variant=variant)
     index_splits(dataset_dir, splits)
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     for split in splits:

@@ -54,17 +54,22 @@ def sentence_model():
     return load_sentence_model("sentence-transformers/all-MiniLM-L6-v2", resolve_device("cpu"))
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sentence_model) -> Path:
-    """A fully preprocessed demo dataset of 24/12/12 generated clips."""
-    dataset_dir = tmp_path_factory.mktemp("tiny_demo")
-    write_demo_dataset(dataset_dir, {"development": 24, "validation": 12, "evaluation": 12}, seed=1)
+def make_tiny_dataset(dataset_dir: Path, sentence_model, variant: str = "distinct") -> Path:
+    """Write and preprocess a demo dataset of 24/12/12 generated clips (``variant``: the demo's, or its shared
+    variant with a relevance table per split) in ``dataset_dir``."""
+    write_demo_dataset(dataset_dir, {"development": 24, "validation": 12, "evaluation": 12}, seed=1, variant=variant)
     index_dataset(dataset_dir)
     config = validate(load_raw(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={dataset_dir}"]))
     for split in SPLITS:
         assert extract_split(dataset_dir, split, config.features, workers=2) == []
         embed_captions(dataset_dir, split, sentence_model, config.text_embeddings)
     return dataset_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sentence_model) -> Path:
+    """A fully preprocessed demo dataset of 24/12/12 generated clips."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_demo"), sentence_model)
 
 
 @pytest.fixture

@@ -129,7 +129,7 @@ def test_a_first_main_run_prepares_the_missing_demo_dataset_itself(tmp_path, mon
     import main
 
     demo = tmp_path / "demo"
-    monkeypatch.setattr(main, "DEMO_DIR", demo)  # conf.yaml's data/demo, here a smaller one in tmp_path
+    monkeypatch.setattr(main, "DEMO_DIRS", {demo: "distinct"})  # conf.yaml's data/demo, here a smaller one
     small = {"development": 4, "validation": 2, "evaluation": 2}
     monkeypatch.setattr(main, "prepare_demo", functools.partial(prepare_demo, clips=small, workers=1))
     config, _ = load_config(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={demo}", "device=cpu"])
@@ -140,7 +140,7 @@ def test_a_first_main_run_prepares_the_missing_demo_dataset_itself(tmp_path, mon
     assert len(read_text_embeds(text_embeds_file(demo, "development"))[0]) == 4 * 5
     assert LogmelStore(logmel_file(demo, "evaluation")).fids.tolist() == [0, 1]
 
-    monkeypatch.setattr(main, "prepare_demo", lambda config: pytest.fail("the demo is ready: nothing to redo"))
+    monkeypatch.setattr(main, "prepare_demo", lambda config, **_: pytest.fail("the demo is ready: nothing to redo"))
     main.prepare_demo_if_missing(config)
     other, _ = load_config(REPO_ROOT / "conf.yaml", [f"data.dataset_dir={tmp_path / 'clotho'}"])
     main.prepare_demo_if_missing(other)  # any other dataset is the user's to prepare
