@@ -94,8 +94,9 @@ def run(quick: bool) -> list[Row]:
     if not met:
         note += (
             f"; {seconds(fast.min_s)} is {fast.min_s / TARGET_S:.1f}x the {seconds(TARGET_S)} target: each direction "
-            f"makes about a dozen passes over all {scores.numel():,} pairs (relevance masks, comparisons for the first "
-            "relevant rank, boolean sums widened to int64, topk, the transposed matrix for t2a), memory-bound"
+            f"still makes three passes over all {scores.numel():,} pairs (a top-k selection, and two comparisons with "
+            "the best relevant score for the first relevant rank: those ranked above it and those tied with it), "
+            "memory-bound; t2a selects down the columns of the matrix, about 3x slower than along its rows"
         )
     return [
         Row(

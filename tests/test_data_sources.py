@@ -222,7 +222,7 @@ def test_training_sees_every_source_and_validates_on_one_split(tiny_raw, tag_dat
     assert len(pairs) == 24 * 5 + 8 * 2
     tags = pairs.datasets[1]
     fid = int(tags.fids[0])
-    audio, _, clip_id = pairs[24 * 5]  # the first tag caption: its own store, its id past the tiny dataset's 24
+    audio, _, clip_id, _ = pairs[24 * 5]  # the first tag caption: its own store, its id past the tiny dataset's 24
     assert clip_id == 24 + fid and np.array_equal(audio, LogmelStore(logmel_file(tag_dataset, "development"))[fid])
 
     seen = {"train": [], "val": []}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.losses import ClipLoss, LogSoftmaxLoss, distillation_loss
-from utils.checkpoints import load_trained_model
+from utils.checkpoints import load_checkpoint, load_trained_model
 from utils.config import DistillationConfig, validate, with_overrides
 from utils.errors import ConfigError, DatasetError
 from utils.inference import encode_split
@@ -128,7 +128,7 @@ def test_a_student_starts_from_the_best_teacher(teachers, tmp_path):
     config = validate(student)
     ensure_teacher_store(config, CPU)
     reports = []
-    train(config, lambda metrics, folder: reports.append((metrics, torch.load(Path(folder) / "checkpoint.pt"))))
+    train(config, lambda metrics, folder: reports.append((metrics, load_checkpoint(Path(folder)))))
     teacher, _ = load_trained_model(checkpoints[0], CPU)
     # lr 1e-12: the weights stay the teacher's (batch-norm statistics move with every batch seen in training)
     weights = reports[0][1]["model"]
