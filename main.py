@@ -118,7 +118,7 @@ from utils.storage import (
     write_json_at,
 )
 from utils.stores import audio_table, logmel_file, text_embeds_file, text_table, write_csv, write_json
-from utils.teachers import ensure_teacher_store, local_file, store_checkpoints
+from utils.teachers import ensure_teacher_store, local_file, select_teachers, store_checkpoints
 from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
 
@@ -289,8 +289,9 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
     """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing or
     out-of-date preprocessed data, a pretrained model that cannot be loaded or built (a wrong weight file,
     a model id without internet), ``device: cuda`` without GPUs for the trials, or (on this machine) a
-    trial bigger than the machine. A cluster's size is checked once joined (``check_resources``); tower
-    stores that do not exist yet are computed once Ray runs (``prepare_stores``)."""
+    trial bigger than the machine, or distillation teachers that are not there. A cluster's size is checked once
+    joined (``check_resources``); tower stores that do not exist yet are computed once Ray runs
+    (``prepare_stores``), and so is the teachers' store (``prepare_teachers``)."""
     data, ray_conf = config.data, config.ray_conf
     if is_uri(ray_conf.storage_path):
         check_storage(ray_conf.storage_path)
@@ -319,6 +320,12 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
         check_resources(ray_conf, {"CPU": cpus, "GPU": torch.cuda.device_count()}, "this machine")
     if ray_conf.wandb is not None and importlib.util.find_spec("wandb") is None:
         raise ConfigError("ray_conf.wandb: Weights & Biases logging needs the wandb package (pip install wandb)")
+    if config.distillation is not None and not config.distillation.two_stage:
+        for teacher in select_teachers(config.distillation):  # a two-stage run makes its own
+            if not exists(teacher.checkpoint):
+                raise ConfigError(
+                    f"distillation: teacher {teacher.id}'s checkpoint {teacher.checkpoint} does not exist"
+                )
 
 
 def training_reads(config: Config) -> list[tuple[str, Config, str]]:

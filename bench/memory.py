@@ -30,7 +30,7 @@ import pandas as pd
 
 from bench.common import Row
 from bench.many_trials import TINY_CNN
-from preprocessing.audio_logmel import _frame_chunks, write_index
+from preprocessing.audio_logmel import frame_chunks, write_index
 from preprocessing.demo_dataset import DEMO_CLIPS
 from utils.stores import atomic_h5, audio_table, logmel_file, text_embeds_file, text_table, write_csv
 
@@ -98,7 +98,7 @@ def write_random_dataset(
         write_csv(captions, text_table(dataset_dir, split))
         logmels = rng.standard_normal((int(offsets[-1]), features.n_mels), dtype=np.float32)  # (all frames, n_mels)
         with atomic_h5(logmel_file(dataset_dir, split)) as f:
-            f.create_dataset("logmel", data=logmels, chunks=_frame_chunks(len(logmels), features.n_mels))
+            f.create_dataset("logmel", data=logmels, chunks=frame_chunks(len(logmels), features.n_mels))
             stamps = np.full((n, 2), -1, dtype=np.int64)  # no audio files: nothing to compare a rerun against
             write_index(f, features, fids.tolist(), fnames, stamps, fids.tolist(), offsets, [])
         write_caption_vectors(dataset_dir, split, captions["cid"].to_numpy(), text, seed + k)

@@ -6,7 +6,7 @@
   weights and seed both arms end the epoch with the same weights.
 - An epoch of the Whisper-embedder recipe (a frozen ``WhisperModel`` encoder, a linear adapter, mean pooling)
   reading its cached backbone outputs against the same epoch running that frozen backbone each step on the stored
-  model inputs: the same tiny backbone (a randomly initialised ``WhisperModel``, ``tests/tiny_models.py``) in
+  model inputs: the same tiny backbone (a randomly initialised ``WhisperModel``, ``models/tiny.py``) in
   both arms. The text side reads stored caption vectors, so that the backbone is the only difference. Checked
   first: the same mean loss from the same weights and seed.
 
@@ -36,11 +36,11 @@ import torch
 from bench.common import Row, Timing, measure, seconds
 from bench.memory import write_caption_vectors, write_random_dataset
 from models.losses import LOSSES
+from models.tiny import tiny_whisper
 from models.weights import load_weights
 from preprocessing.clotho_dataset import index_splits
 from preprocessing.demo_dataset import DEMO_CLIPS, write_demo_dataset
 from preprocessing.tower_stores import prepare_split, write_audio_store
-from tests.tiny_models import tiny_whisper
 from utils.checkpoints import build_model
 from utils.config import Config, load_config, load_raw, validate, with_overrides
 from utils.data import CaptionPairs, StoredViews, TrainingPairs, pair_loader

@@ -85,7 +85,7 @@ def _warm_up(features: FeatureConfig) -> None:
     logmel(np.zeros(int(features.sample_rate), np.float32), features)
 
 
-def _frame_chunks(frames: int, n_mels: int) -> tuple[int, int] | None:
+def frame_chunks(frames: int, n_mels: int) -> tuple[int, int] | None:
     """HDF5 chunking of a ``(frames, n_mels)`` dataset: blocks of up to 512 frames (none when empty)."""
     return (min(512, frames), n_mels) if frames else None
 
@@ -186,7 +186,7 @@ def extract_part(
         progress.update()
     frames = np.concatenate([m for _, m in kept]) if kept else np.zeros((0, features.n_mels), np.float32)
     with atomic_h5(target) as f:
-        f.create_dataset("logmel", data=frames, chunks=_frame_chunks(len(frames), features.n_mels))
+        f.create_dataset("logmel", data=frames, chunks=frame_chunks(len(frames), features.n_mels))
         write_index(
             f,
             features,
@@ -216,7 +216,7 @@ def merge_parts(
     kept_fids, offsets, skipped = [], [np.zeros(1, np.int64)], []
     with atomic_h5(target) as out:
         frames = out.create_dataset(
-            "logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=_frame_chunks(total, features.n_mels)
+            "logmel", shape=(total, features.n_mels), dtype=np.float32, chunks=frame_chunks(total, features.n_mels)
         )
         row = 0
         for part in parts:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 from test_recipes import recipe, score
-from tiny_models import tiny_ast, tiny_roberta
 
 from main import check_before_ray, run_experiment, store_variants
+from models.tiny import tiny_ast, tiny_roberta
 from utils.config import Config, load_config, load_raw, validate, validate_search_space, with_overrides
 from utils.config_files import is_section
 from utils.errors import ConfigError

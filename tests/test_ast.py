@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT
-from tiny_models import tiny_ast, tiny_roberta
 
 from models import ASTEncoder
+from models.tiny import tiny_ast, tiny_roberta
 from models.weights import load_weights
 from preprocessing.tower_stores import write_audio_store
 from utils.audio import load_audio

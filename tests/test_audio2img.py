@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_recipes import recipe, score
-from tiny_models import tiny_sd_text_encoder, tiny_w2v_bert
 
 from main import check_before_ray, check_model_ids, run_experiment
+from models.tiny import tiny_sd_text_encoder, tiny_w2v_bert
 from utils.config import validate, with_overrides
 from utils.errors import ConfigError
 from utils.tower_stores import open_store, text_store

@@ -22,7 +22,8 @@ import boto3
 import pytest
 from conftest import REPO_ROOT
 from test_tune_service import free_port, overrides, run_main
-from tiny_models import tiny_roberta, tiny_whisper
+
+from models.tiny import tiny_roberta, tiny_whisper
 
 BUCKET = "runs"
 pytestmark = pytest.mark.slow  # Ray searches through main.py

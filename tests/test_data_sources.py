@@ -15,10 +15,10 @@ import torch
 from conftest import REPO_ROOT, index_dataset
 from datasets import Audio, Dataset, DatasetDict, IterableDataset
 from test_towers import whisper_recipe
-from tiny_models import tiny_roberta, tiny_whisper
 
 import main
 import utils.training as training
+from models.tiny import tiny_roberta, tiny_whisper
 from preprocessing import hf_dataset, keywords_to_captions
 from preprocessing.audio_logmel import extract_split
 from preprocessing.clotho_dataset import index_split

@@ -138,7 +138,7 @@ def test_a_student_starts_from_the_best_teacher(teachers, tmp_path):
     assert np.isfinite(reports[0][0]["train/loss"])
 
 
-def test_distillation_settings_are_checked(tiny_raw):
+def test_distillation_settings_are_checked(tiny_raw, tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         validate(
             with_overrides(tiny_raw, {"distillation": {"teachers": "runs/x", "checkpoints": ["a.pt"], "store": "s.h5"}})
@@ -156,3 +156,8 @@ def test_distillation_settings_are_checked(tiny_raw):
         validate(with_overrides(tiny_raw, {"distillation": {"teachers": "runs/x", "weight": -1}}))
     with pytest.raises(ConfigError, match="no results.csv"):
         select_teachers(DistillationConfig(teachers="/nowhere/at/all"))
+    import main  # and main.py says so before Ray starts
+
+    missing = validate(with_overrides(tiny_raw, {"distillation": {"teachers": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match="no results.csv"):
+        main.check_before_ray(missing, joins_cluster=False)

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT
-from tiny_models import tiny_clap, tiny_roberta, tiny_whisper
 
 from main import check_before_ray, run_experiment
+from models.tiny import tiny_clap, tiny_roberta, tiny_whisper
 from utils.config import load_raw, validate, with_overrides
 from utils.tower_stores import audio_store, text_store
 

@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_roberta, tiny_sd_text_encoder
 from transformers import AutoTokenizer, CLIPTextModel
 
 from models.audio_encoders import SmallCNNEncoder
 from models.hf_text import AutoTextEncoder, CLIPTextEncoder, PretrainedTextTower
 from models.losses import LOSSES, SequenceContrastiveLoss
 from models.pooling import POOLING, PoolingHead, SequenceResampling
+from models.tiny import tiny_roberta, tiny_sd_text_encoder
 from utils.errors import ConfigError
 from utils.extractors import CaptionTokens
 

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT
-from tiny_models import tiny_clap, tiny_roberta, tiny_w2v_bert, tiny_whisper
 
 from models import AutoTextEncoder, ClapAudioEncoder, Wav2Vec2BertEncoder, WhisperEncoder
 from models.losses import LOSSES
 from models.pooling import masked_mean
+from models.tiny import tiny_clap, tiny_roberta, tiny_w2v_bert, tiny_whisper
 from models.weights import load_weights
 from preprocessing.tower_stores import prepare_split, tower_outputs, write_audio_store
 from utils.audio import CropConfig, clip_views, eval_crops, fit_length

@@ -1,6 +1,6 @@
 """Tiny randomly initialised ``transformers`` models of the real classes, written with ``save_pretrained`` (model,
-feature extractor, tokenizer) into a folder that the recipes' model-id keys then load: the tests go through the
-real ``from_pretrained`` path, offline, in seconds."""
+feature extractor, tokenizer) into a folder that the recipes' model-id keys then load: the tests and benchmarks go
+through the real ``from_pretrained`` path, offline, in seconds (timm's tiny variants, for this project's towers)."""
 
 from __future__ import annotations
 
