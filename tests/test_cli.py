@@ -25,6 +25,7 @@ SCRIPTS = [
     "postprocessing/xmodal_scores.py",
     "postprocessing/xmodal_retrieval.py",
     "postprocessing/zero_shot.py",
+    "postprocessing/teachers.py",
     "bench/many_trials.py",
     "bench/run.py",
     "example/retrieve.py",

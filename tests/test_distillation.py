@@ -115,6 +115,20 @@ def test_the_store_holds_the_teachers_scores_and_is_written_once(teachers, tmp_p
         TeacherScores(store, np.append(fids, 999), cids)
 
 
+def test_the_teachers_command_stores_them(teachers, tmp_path, monkeypatch, capsys):
+    from postprocessing import teachers as command
+
+    raw, checkpoints = teachers
+    store = tmp_path / "by_command.h5"
+    argv = ["teachers.py", "--checkpoint", str(checkpoints[1]), "--store", str(store), "--device", "cpu"]
+    monkeypatch.setattr("sys.argv", argv + [f"data.dataset_dir={raw['data']['dataset_dir']}"])
+    command.main()
+    assert store_teacher_ids(store) == [str(checkpoints[1])] and str(store) in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["teachers.py", f"data.dataset_dir={raw['data']['dataset_dir']}"])
+    with pytest.raises(SystemExit):  # no teachers named anywhere
+        command.main()
+
+
 def test_a_student_starts_from_the_best_teacher(teachers, tmp_path):
     raw, checkpoints = teachers
     store = tmp_path / "teachers.h5"

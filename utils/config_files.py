@@ -36,7 +36,13 @@ def numbers_as_written(value: Any) -> Any:
 
 
 # Config fields holding paths that are resolved against the config file's folder.
-_PATH_KEYS = ("data.dataset_dir", "ray_conf.storage_path", "model.audio_enc.weight")
+_PATH_KEYS = (
+    "data.dataset_dir",
+    "ray_conf.storage_path",
+    "model.audio_enc.weight",
+    "distillation.teachers",
+    "distillation.store",
+)
 # Model ids: a hub id, or a local folder, resolved against the config file's folder when one is there.
 _MODEL_ID_KEYS = ("model.audio_enc.model_id", "model.text_enc.model_id", "model.init_from")
 
@@ -183,6 +189,9 @@ def load_raw(
     for dotted in _PATH_KEYS:
         if isinstance(get_path(raw, dotted), str):
             set_path(raw, dotted, absolute(get_path(raw, dotted)))
+    checkpoints = get_path(raw, "distillation.checkpoints")
+    if isinstance(checkpoints, list):  # teachers named by path
+        set_path(raw, "distillation.checkpoints", [absolute(c) for c in checkpoints])
     extra_train = get_path(raw, "data.extra_train")
     for source in extra_train if isinstance(extra_train, list) else []:  # more training datasets' folders
         if isinstance(source, dict) and isinstance(source.get("dataset_dir"), str):
