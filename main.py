@@ -117,7 +117,15 @@ from utils.storage import (
     upload,
     write_json_at,
 )
-from utils.stores import audio_table, logmel_file, text_embeds_file, text_table, write_csv, write_json
+from utils.stores import (
+    audio_table,
+    logmel_file,
+    relevance_csv,
+    text_embeds_file,
+    text_table,
+    write_csv,
+    write_json,
+)
 from utils.teachers import ensure_teacher_store, local_file, select_teachers, store_checkpoints
 from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
@@ -320,6 +328,11 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
         check_resources(ray_conf, {"CPU": cpus, "GPU": torch.cuda.device_count()}, "this machine")
     if ray_conf.wandb is not None and importlib.util.find_spec("wandb") is None:
         raise ConfigError("ray_conf.wandb: Weights & Biases logging needs the wandb package (pip install wandb)")
+    if ray_conf.metric.startswith("val/relevance/") and not relevance_csv(data.dataset_dir, data.val_split).is_file():
+        raise ConfigError(
+            f"ray_conf.metric {ray_conf.metric} needs a relevance table of the validation split: "
+            f"{relevance_csv(data.dataset_dir, data.val_split)} does not exist"
+        )
     if config.distillation is not None and not config.distillation.two_stage:
         for teacher in select_teachers(config.distillation):  # a two-stage run makes its own
             if not exists(teacher.checkpoint):

@@ -82,7 +82,7 @@ from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
 from utils.config import Config
 from utils.experiments import find_model
-from utils.metrics import DCASE2025_MAP_K, MAP_K, MetricKs, caption_ranks, retrieval_metrics, stable_topk
+from utils.metrics import DCASE2025_KS, DCASE2025_MAP_K, caption_ranks, retrieval_metrics, stable_topk
 from utils.relevance import read_relevance, relevance_matrix
 from utils.storage import publish_new_files
 from utils.stores import relevance_csv, write_csv, write_json
@@ -205,9 +205,7 @@ def relevance_metrics(
     dataset_dir = config.data.dataset_dir
     path = relevance_csv(dataset_dir, split) if table_file == DATASET_TABLE else Path(table_file)
     matrix = relevance_matrix(read_relevance(path, dataset_dir, split), fnames, captions, str(path))
-    metrics = retrieval_metrics(
-        scores, caption_audio, matrix, threshold=threshold, ks=MetricKs(map=(MAP_K, DCASE2025_MAP_K))
-    )
+    metrics = retrieval_metrics(scores, caption_audio, matrix, threshold=threshold, ks=DCASE2025_KS)
     # relevant clips per caption: the distinct (clip, caption) pairs of the table reaching the threshold and of
     # the pairing, over the captions
     relevant = matrix.values() > 0 if threshold is None else matrix.values() >= threshold

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, TINY_OVERRIDES, make_tiny_dataset
 
 import main
 from postprocessing.xmodal_retrieval import evaluate
-from utils.config import load_config, load_raw, with_overrides
+from utils.config import load_config, load_raw, validate, with_overrides
 from utils.errors import ConfigError
 from utils.teachers import store_teacher_ids
 
@@ -44,6 +44,7 @@ def test_two_stages_in_one_command_then_resumed(shared_dataset, ray_session, tmp
 
     # stage 1: a plain search; its results name each trial's best checkpoint, best first
     table = pd.read_csv(first / "results.csv")
+    assert {"val/t2a_mAP@10", "val/relevance/t2a_mAP@16"} <= set(table.columns)  # the val split has a table
     assert len(table) == 2 and all((first / c).is_relative_to(first) for c in table["checkpoint"])
     assert "distillation" not in json.loads((first / "base_config.json").read_text())
     store = first / "teachers_development_top2.h5"
@@ -81,3 +82,9 @@ def test_a_bad_second_stage_fails_before_anything_runs(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"distillation.stage2 .*distillation.weight"):
         load_config(path)
+
+
+def test_selecting_on_the_dcase2025_metric_needs_a_relevance_table(tiny_raw):
+    config = validate(with_overrides(tiny_raw, {"ray_conf.metric": "val/relevance/t2a_mAP@16"}))
+    with pytest.raises(ConfigError, match="validation_relevance.csv does not exist"):
+        main.check_before_ray(config, joins_cluster=False)

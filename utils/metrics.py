@@ -146,6 +146,9 @@ class MetricKs:
     ndcg: tuple[int, ...] = NDCG_KS
 
 
+DCASE2025_KS = MetricKs(map=(MAP_K, DCASE2025_MAP_K))  # the cut-offs reported with a relevance table
+
+
 def retrieval_metrics(
     scores: np.ndarray | torch.Tensor,
     caption_audio: np.ndarray | torch.Tensor,

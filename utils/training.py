@@ -22,8 +22,10 @@ from utils.config import Config, DistillationConfig, LRSchedulerConfig, Optimize
 from utils.data import CaptionPairs, TrainingPairs, pair_loader, to_device
 from utils.distributed import gather_ids, gather_pairs, world
 from utils.inference import encode_split
-from utils.metrics import flatten_metrics, retrieval_metrics, sequence_metrics
+from utils.metrics import DCASE2025_KS, flatten_metrics, retrieval_metrics, sequence_metrics
+from utils.relevance import read_relevance, relevance_matrix
 from utils.runtime import resolve_device, seed_everything
+from utils.stores import relevance_csv
 from utils.teachers import TeacherScores, local_file, store_location
 from utils.tower_stores import check_inputs, extra_sources
 
@@ -216,8 +218,9 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     Every report holds ``epoch`` (the epochs done: fractional between epoch ends), ``train/loss``,
     ``val/loss``, the lr of each parameter group (``train/lr`` for the heads, ``train/lr_<group>`` for
     the others), ``train/temperature`` when it is learnable, and the validation retrieval metrics
-    (``val/t2a_mAP@10``, ...) with a checkpoint. The evaluation split is never touched. Frozen
-    ``transformers`` backbones are not even loaded: their outputs are read from the stores.
+    (``val/t2a_mAP@10``, ...; when the dataset has a relevance table for the validation split, also those of the
+    DCASE 2025 protocol, ``val/relevance/t2a_mAP@16``, ...) with a checkpoint. The evaluation split is never
+    touched. Frozen ``transformers`` backbones are not even loaded: their outputs are read from the stores.
 
     Inside a ``torch.distributed`` process group (one process per worker) the model is wrapped
     in DDP, each worker trains on its shard with ``batch_size / world size`` pairs per step,
@@ -287,6 +290,8 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         synchronise_batch_norms(model)
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
 
+    val_relevance, relevance = relevance_csv(data.dataset_dir, data.val_split), {}  # its grades, read once
+
     def validate_and_report(progress: float, train_loss: float, lrs: dict[str, float], epoch_end: bool) -> None:
         val_loss = run_epoch(model, val_loader, criterion, device)
         val = encode_split(model, config, data.val_split, device, params.batch_size)
@@ -294,7 +299,14 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
         metrics |= {f"train/lr_{name}": lr for name, lr in lrs.items() if name != "heads"}
         if model.scale() is not None:
             metrics["train/temperature"] = 1.0 / model.scale().item()
-        metrics |= flatten_metrics(retrieval_metrics(val.scores(), val.caption_audio), "val")
+        scores = val.scores()
+        metrics |= flatten_metrics(retrieval_metrics(scores, val.caption_audio), "val")
+        if val_relevance.is_file():  # DCASE 2025: several relevant clips per caption, mAP@16 to select on
+            if "matrix" not in relevance:  # the split's rows come in the same order at every validation
+                table = read_relevance(val_relevance, data.dataset_dir, data.val_split)
+                relevance["matrix"] = relevance_matrix(table, val.fnames, val.captions, str(val_relevance))
+            dcase2025 = retrieval_metrics(scores, val.caption_audio, relevance["matrix"], ks=DCASE2025_KS)
+            metrics |= flatten_metrics(dcase2025, "val/relevance")
         if model.sequence:  # audio2img: how close the audio sequences come to their captions' targets
             metrics |= {
                 f"val/{k}": v for k, v in sequence_metrics(val.audio.frames, val.text, val.caption_audio).items()
