@@ -1,6 +1,6 @@
 """Data-parallel training sees the global batch: two gloo workers give the single-process gradient,
-for both losses, for a learnable temperature, and for text-aware pooling over frames that are padded to
-another length on each worker."""
+for both losses, for a learnable temperature, for text-aware pooling over frames that are padded to
+another length on each worker, and for distillation from teachers' scores looked up by the gathered ids."""
 
 import pytest
 import torch
@@ -11,7 +11,9 @@ from torch import nn
 
 from models.losses import ClipLoss, LogSoftmaxLoss
 from models.pooling import TextAwareAttentionPooling
+from utils.config import DistillationConfig
 from utils.distributed import gather_ids, gather_pairs, world
+from utils.training import Distiller
 
 AUDIO_IDS = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])  # several captions of one clip, split across workers
 
@@ -24,7 +26,31 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 5, 6, generator=g), torch.randn(8, 5, generator=g)
 
 
-LOSSES = {"LogSoftmaxLoss": LogSoftmaxLoss(temperature=0.1), "ClipLoss": ClipLoss(), "TAP": LogSoftmaxLoss()}
+CAPTION_IDS = torch.tensor([7, 3, 9, 0, 4, 8, 1, 6])  # the batch's caption ids, which the teachers are keyed by
+LOSSES = {
+    "LogSoftmaxLoss": LogSoftmaxLoss(temperature=0.1),
+    "ClipLoss": ClipLoss(),
+    "TAP": LogSoftmaxLoss(),
+    "Distilled": LogSoftmaxLoss(temperature=0.1),
+}
+
+
+def teacher_scores(audio_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+    """Fixed teachers: the cosine of clip i and caption j is entry (i, j) of one seeded table."""
+    table = torch.rand(5, 10, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    return table[audio_ids][:, caption_ids]
+
+
+def batch_loss(loss_name: str, scores, audio_ids, caption_ids, logit_scale) -> torch.Tensor:
+    """What ``run_epoch`` computes from the global batch's scores and ids; distilled: half supervised, half the
+    teachers' targets."""
+    criterion = LOSSES[loss_name]
+    logits = criterion.scaled(scores, logit_scale)
+    loss = criterion.from_scores(logits, audio_ids)
+    if loss_name != "Distilled":
+        return loss
+    distiller = Distiller(teacher_scores, DistillationConfig(teachers="t", weight=0.5, supervised_weight=0.5))
+    return distiller.combined(loss, logits, audio_ids, caption_ids, criterion, logit_scale)
 
 
 class Towers(nn.Module):
@@ -61,9 +87,9 @@ def worker(rank: int, world_size: int, store: str, out: str, loss_name: str) -> 
     audio, text = inputs()
     rows = slice(rank * 4, rank * 4 + 4)  # this worker's half of the global batch
     scores = model(audio[rows], LENGTHS[rows], text[rows], gather_pairs)
-    ids = gather_ids(AUDIO_IDS[rows])
-    assert torch.equal(ids, AUDIO_IDS)
-    loss = LOSSES[loss_name].from_pair_scores(scores, ids, logit_scale=model.module.scale())
+    ids, caption_ids = gather_ids(AUDIO_IDS[rows]), gather_ids(CAPTION_IDS[rows])
+    assert torch.equal(ids, AUDIO_IDS) and torch.equal(caption_ids, CAPTION_IDS)
+    loss = batch_loss(loss_name, scores, ids, caption_ids, model.module.scale())
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
@@ -82,7 +108,7 @@ def test_two_workers_match_one_process_on_the_global_batch(tmp_path, loss_name):
 
     model = Towers(loss_name)
     audio, text = inputs()
-    loss = LOSSES[loss_name].from_pair_scores(model(audio, LENGTHS, text), AUDIO_IDS, logit_scale=model.scale())
+    loss = batch_loss(loss_name, model(audio, LENGTHS, text), AUDIO_IDS, CAPTION_IDS, model.scale())
     loss.backward()
     assert torch.allclose(distributed["loss"], loss.detach(), atol=1e-6)
     assert set(distributed["grads"]) == {name for name, _ in model.named_parameters()}
