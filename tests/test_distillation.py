@@ -168,10 +168,10 @@ def test_distillation_settings_are_checked(tiny_raw, tmp_path):
         )
     with pytest.raises(ConfigError, match="distillation.weight"):
         validate(with_overrides(tiny_raw, {"distillation": {"teachers": "runs/x", "weight": -1}}))
-    with pytest.raises(ConfigError, match="no results.csv"):
+    with pytest.raises(ConfigError, match="no results.csv and best.json"):
         select_teachers(DistillationConfig(teachers="/nowhere/at/all"))
     import main  # and main.py says so before Ray starts
 
     missing = validate(with_overrides(tiny_raw, {"distillation": {"teachers": str(tmp_path)}}))
-    with pytest.raises(ConfigError, match="no results.csv"):
+    with pytest.raises(ConfigError, match="no results.csv and best.json"):
         main.check_before_ray(missing, joins_cluster=False)

@@ -27,9 +27,10 @@ from utils.checkpoints import load_trained_model
 from utils.config import Config, DistillationConfig
 from utils.config_files import is_uri
 from utils.errors import ConfigError, DatasetError
+from utils.experiments import BEST_FILE
 from utils.inference import encode_split
 from utils.reporting import RESULTS_TABLE
-from utils.storage import download, exists, join, mirror, parent, read_bytes, upload
+from utils.storage import download, exists, join, mirror, parent, read_bytes, read_json_at, upload
 from utils.stores import atomic_h5
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,10 @@ def select_teachers(distillation: DistillationConfig) -> list[Teacher]:
     if distillation.checkpoints:
         return [Teacher(str(path), str(path)) for path in distillation.checkpoints]
     table_file = join(distillation.teachers, RESULTS_TABLE)
-    if not exists(table_file):
+    if not exists(table_file) or not exists(join(distillation.teachers, BEST_FILE)):
         raise ConfigError(
-            f"distillation.teachers: {distillation.teachers} has no {RESULTS_TABLE}: not a finished experiment of "
-            "main.py"
+            f"distillation.teachers: {distillation.teachers} has no {RESULTS_TABLE} and {BEST_FILE}: not a finished "
+            "experiment of main.py"
         )
     table = pd.read_csv(io.BytesIO(read_bytes(table_file)), keep_default_na=False)
     if "checkpoint" not in table:
@@ -88,9 +89,9 @@ def select_teachers(distillation: DistillationConfig) -> list[Teacher]:
         log.warning(
             "distillation.top_k %d: %s has %d usable trials", distillation.top_k, distillation.teachers, len(usable)
         )
-    metric = next((c for c in table.columns if c.startswith("val/") and c in table), None)
+    metric = read_json_at(join(distillation.teachers, BEST_FILE))["metric"]  # what results.csv is sorted by
     return [
-        Teacher(str(row["trial_id"]), str(row["checkpoint"]), float(row[metric]) if metric else None)
+        Teacher(str(row["trial_id"]), str(row["checkpoint"]), float(row[metric]) if metric in row else None)
         for _, row in usable.head(distillation.top_k).iterrows()
     ]
 
