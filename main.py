@@ -77,7 +77,7 @@ from transformers import AutoConfig
 
 from models.pretrained import load_pretrained
 from models.text_encoders import TEXT_ENCODERS
-from models.weights import load_weights
+from models.weights import check_state_dict
 from preprocessing.demo_dataset import DEMO_DIRS, prepare_demo
 from preprocessing.tower_stores import (
     finish_audio_store,
@@ -86,7 +86,7 @@ from preprocessing.tower_stores import (
     write_audio_parts,
     write_text_store,
 )
-from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model, load_trained_model
+from utils.checkpoints import CHECKPOINT_FILE, build_model, export_model, load_trained_model, read_model_config
 from utils.config import (
     SEARCH_SPACE_KINDS,
     STAGE1_SUFFIX,
@@ -103,6 +103,7 @@ from utils.config_files import describe, flatten, is_uri
 from utils.errors import ConfigError, InputError
 from utils.experiments import BEST_FILE, latest_experiment_file, new_experiment_name
 from utils.extractors import CaptionTokens, make_extractor
+from utils.relevance import read_relevance, relevance_matrix
 from utils.reporting import RESULTS_TABLE, SEARCH_PLOT, TrialHistory, as_epoch, plot_metric, results_table
 from utils.runtime import resolve_device
 from utils.storage import (
@@ -118,15 +119,18 @@ from utils.storage import (
     write_json_at,
 )
 from utils.stores import (
+    AUDIO_COLUMNS,
+    TEXT_COLUMNS,
     audio_table,
     logmel_file,
+    read_table,
     relevance_csv,
     text_embeds_file,
     text_table,
     write_csv,
     write_json,
 )
-from utils.teachers import ensure_teacher_store, local_file, select_teachers, store_checkpoints
+from utils.teachers import check_teacher_dataset, ensure_teacher_store, local_file, select_teachers, store_checkpoints
 from utils.tower_stores import check_inputs, extra_sources, is_pretrained, missing_stores
 from utils.training import train
 
@@ -170,10 +174,11 @@ def main() -> None:
                 resume_experiment(folder, config.ray_conf.storage_path, names, args.address)
             else:
                 prepare_demo_if_missing(config)
-                check_before_ray(config, joins_cluster(args.address))
                 if config.distillation is not None and config.distillation.two_stage:
+                    check_two_stages(raw, joins_cluster(args.address))
                     run_two_stages(raw, args.address)
                 else:
+                    check_before_ray(config, joins_cluster(args.address))
                     run_experiment(config, raw, args.address)
         except ExperimentInterrupted as err:
             log.warning("%s", err)
@@ -227,10 +232,10 @@ def run_two_stages(raw: dict[str, Any], address: str | None = None) -> Path:
 
 
 def run_second_stage(first: str | Path, address: str | None = None) -> Path:
-    """The second stage of the two-stage run whose first experiment is ``first`` (finished): started, or resumed
-    when it was started before. Returns its (local) folder."""
+    """The second stage of the two-stage run whose first experiment is ``first`` (finished): resumed when it was
+    started before far enough to be (Tune saved its state), else started. Returns its (local) folder."""
     plan = read_json_at(join(first, NEXT_STAGE))
-    if plan["experiment"] is not None and exists(join(plan["experiment"], BASE_CONFIG)):
+    if plan["experiment"] is not None and tune.Tuner.can_restore(str(plan["experiment"])):
         log.info("stage 2 of 2 was started before: resuming %s", plan["experiment"])
         return resume_experiment(plan["experiment"], "", [], address)
     raw = stage2_config(plan["config"], str(first))
@@ -293,13 +298,15 @@ def prepare_demo_if_missing(config: Config) -> None:
     log.info("demo dataset ready in %.0f s", time.perf_counter() - start)
 
 
-def check_before_ray(config: Config, joins_cluster: bool) -> None:
+def check_before_ray(config: Config, joins_cluster: bool, check_teachers: bool = True) -> bool:
     """Refuse, before Ray starts, a config whose trials could only fail or wait forever: missing or
     out-of-date preprocessed data, a pretrained model that cannot be loaded or built (a wrong weight file,
     a model id without internet), ``device: cuda`` without GPUs for the trials, or (on this machine) a
-    trial bigger than the machine, or distillation teachers that are not there. A cluster's size is checked once
+    trial bigger than the machine, a validation relevance table that names nothing of its split, or distillation
+    teachers that are not there or do not fit the student (``check_teachers``). A cluster's size is checked once
     joined (``check_resources``); tower stores that do not exist yet are computed once Ray runs
-    (``prepare_stores``), and so is the teachers' store (``prepare_teachers``)."""
+    (``prepare_stores``), and so is the teachers' store (``prepare_teachers``). Returns whether every tower store
+    the search reads exists already (the models were then built once, here)."""
     data, ray_conf = config.data, config.ray_conf
     if is_uri(ray_conf.storage_path):
         check_storage(ray_conf.storage_path)
@@ -316,7 +323,8 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
             )
         for _, source, split in training_reads(variant):
             check_inputs(source, split, missing_ok=True)  # tower stores still to be made: once Ray runs
-    if not any(missing_stores(variant, variant.data.splits()) for variant in variants):
+    stores_ready = not any(missing_stores(variant, variant.data.splits()) for variant in variants)
+    if stores_ready:
         build_variants(config)  # else once the stores are made (prepare_stores)
     if config.device == "cuda" and ray_conf.gpus_per_trial == 0:
         raise ConfigError(
@@ -333,12 +341,70 @@ def check_before_ray(config: Config, joins_cluster: bool) -> None:
             f"ray_conf.metric {ray_conf.metric} needs a relevance table of the validation split: "
             f"{relevance_csv(data.dataset_dir, data.val_split)} does not exist"
         )
-    if config.distillation is not None and not config.distillation.two_stage:
-        for teacher in select_teachers(config.distillation):  # a two-stage run makes its own
-            if not exists(teacher.checkpoint):
+    if relevance_csv(data.dataset_dir, data.val_split).is_file():  # what every validation will read: checked once
+        check_relevance_table(data.dataset_dir, data.val_split)
+    if config.distillation is not None and check_teachers and not config.distillation.two_stage:
+        check_teachers_exist(config, stores_ready)
+    return stores_ready
+
+
+def check_relevance_table(dataset_dir: Path, split: str) -> None:
+    """The split's relevance table reads and names clips and captions of the split, or a ``DatasetError``."""
+    path = relevance_csv(dataset_dir, split)
+    fnames = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)["fname"].tolist()
+    captions = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)["raw_text"].tolist()
+    relevance_matrix(read_relevance(path, dataset_dir, split), fnames, captions, str(path))
+
+
+def check_teachers_exist(config: Config, stores_ready: bool) -> None:
+    """A distilling config's teachers: each checkpoint is there and was trained on the student's dataset, and (with
+    ``init_from_teacher``, once the towers' stores exist) every architecture the search can choose takes the best
+    one's weights."""
+    teachers = select_teachers(config.distillation)
+    for teacher in teachers:
+        if not exists(teacher.checkpoint):
+            raise ConfigError(f"distillation: teacher {teacher.id}'s checkpoint {teacher.checkpoint} does not exist")
+        check_teacher_dataset(teacher.id, read_model_config(local_file(teacher.checkpoint)), config)
+    if config.distillation.init_from_teacher and stores_ready:
+        best = load_trained_model(local_file(teachers[0].checkpoint), torch.device("cpu"))[0]
+        check_init_from_teacher(config, {f"the best teacher {teachers[0].id}": best.state_dict()})
+
+
+def check_init_from_teacher(config: Config, teachers: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every architecture the search can choose takes the weights of each of ``teachers`` (a label -> its state
+    dict), or a ``ConfigError`` naming the searched values: the student starts from the best teacher's weights."""
+    for chosen, variant in search_variants(config, ("model.", *STORE_KEYS))[0].items():
+        student = build_model(variant, torch.device("cpu")).state_dict()
+        for source, weights in teachers.items():
+            try:
+                check_state_dict(student, weights, source)
+            except InputError as err:
+                where = f"ray_conf.search_space: {chosen}: " if chosen else ""
                 raise ConfigError(
-                    f"distillation: teacher {teacher.id}'s checkpoint {teacher.checkpoint} does not exist"
-                )
+                    f"distillation.init_from_teacher: {where}{err} (init_from_teacher: false trains from scratch)"
+                ) from None
+
+
+def check_two_stages(raw: dict[str, Any], joins_cluster: bool) -> None:
+    """Both experiments of a two-stage config, before Ray starts: each as ``check_before_ray`` checks one (the
+    second's teachers do not exist yet), and, when the student starts from the best teacher, every architecture
+    of the second search takes the weights of every architecture of the first (any of them can be the best)."""
+    first, second = stage_configs(raw)
+    first_config = validate(first)
+    stores_ready = check_before_ray(first_config, joins_cluster)
+    second_config = validate(stage2_config(second, "the first stage's experiment"))
+    try:
+        stores_ready &= check_before_ray(second_config, joins_cluster, check_teachers=False)
+    except ConfigError as err:
+        raise ConfigError(f"distillation.stage2 gives a second stage that cannot run: {err}") from None
+    if second_config.distillation.init_from_teacher and stores_ready:
+        teachers = {
+            f"a first-stage trial{f' with {chosen}' if chosen else ''}": build_model(
+                v, torch.device("cpu")
+            ).state_dict()
+            for chosen, v in search_variants(first_config, ("model.", *STORE_KEYS))[0].items()
+        }
+        check_init_from_teacher(second_config, teachers)
 
 
 def training_reads(config: Config) -> list[tuple[str, Config, str]]:
@@ -531,15 +597,10 @@ def prepare_teachers(config: Config) -> None:
         if isinstance(err.cause, InputError):
             raise err.cause from None
         raise
-    if config.distillation.init_from_teacher:
+    if config.distillation.init_from_teacher:  # also where the stores were still to be made before Ray started
         best = store_checkpoints(local_file(location))[0]
         weights = load_trained_model(local_file(best), torch.device("cpu"))[0].state_dict()
-        for chosen, variant in search_variants(config, ("model.", *STORE_KEYS))[0].items():
-            try:
-                load_weights(build_model(variant, torch.device("cpu")), weights, f"the best teacher {best}")
-            except InputError as err:
-                where = f"ray_conf.search_space: {chosen}: " if chosen else ""
-                raise ConfigError(f"distillation.init_from_teacher: {where}{err}") from None
+        check_init_from_teacher(config, {f"the best teacher {best}": weights})
 
 
 def teacher_task(config: dict[str, Any]) -> str:
@@ -1000,7 +1061,11 @@ def trial_histories(results: tune.ResultGrid, raw: dict[str, Any], experiment: s
             status = "TERMINATED"
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         kept = best_checkpoint(result, ray_conf)
-        checkpoint = str(join(as_location(kept[0].path, ray_conf.storage_path), CHECKPOINT_FILE)) if kept else None
+        checkpoint = None
+        if kept:  # relative to the experiment's folder (a data-parallel trial's may lie elsewhere: then in full)
+            checkpoint = str(join(as_location(kept[0].path, ray_conf.storage_path), CHECKPOINT_FILE))
+            inside = f"{str(experiment).rstrip('/')}/"
+            checkpoint = checkpoint[len(inside) :] if checkpoint.startswith(inside) else checkpoint
         trials.append(TrialHistory(trial_id, params, status, history, error, checkpoint))
     return trials
 

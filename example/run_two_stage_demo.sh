@@ -31,12 +31,12 @@ for seed in sys.argv[1:]:
     first = Path(find_best_file(storage, f"demo-two-stage-s{seed}-stage1")).parent
     second = Path(find_best_file(storage, f"demo-two-stage-s{seed}")).parent
     table = pd.read_csv(second / "results.csv")
-    arms = {"stage 1 (best trial)": Path(json.loads((first / "best.json").read_text())["checkpoint"])}
+    arms = {"stage 1 (best trial)": (first / "best", first / "evaluation")}
     for weight in (0.0, 1.0):
         row = table[table["param/distillation.weight"].astype(float) == weight].iloc[0]
-        arms[f"stage 2, distillation weight {weight:g}"] = Path(row["checkpoint"])
-    for arm, checkpoint in arms.items():
-        out = checkpoint.parent / "evaluation"
+        # results.csv names each trial's best checkpoint relative to the experiment's folder
+        arms[f"stage 2, distillation weight {weight:g}"] = (second / row["checkpoint"], second / f"evaluation_w{weight:g}")
+    for arm, (checkpoint, out) in arms.items():
         out.mkdir(exist_ok=True)
         evaluate(checkpoint, out, config.data.eval_split, relevance="dataset")
         saved = json.loads((out / "retrieval_metrics.json").read_text())

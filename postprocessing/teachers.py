@@ -2,8 +2,8 @@
 best trials of a finished experiment (or with named checkpoints) and write them to one HDF5 file, keyed by the
 teachers' ids (utils/teachers.py). main.py does this itself before a distilling search; this command does it on
 its own, for example on a GPU machine before the search runs elsewhere. It reads the config's distillation
-section, which the options below set or override, and skips teachers that are stored already. Also runs as
-``python -m postprocessing.teachers``.
+section, which the options below set or override, and writes nothing when the store holds these teachers for
+this split already (--overwrite: write it anyway). Also runs as ``python -m postprocessing.teachers``.
 
   python postprocessing/teachers.py --experiment runs/demo-audio-retrieval_20261201-101500 --top-k 3
 """
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="where the teachers run (default: the config's device)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="write the store even if it is up to date")
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides of the config, e.g. data.dataset_dir=data/clotho"
     )
@@ -85,13 +86,15 @@ def main() -> None:
             "store": absolute(args.store),
         }
         settings |= {key: value for key, value in chosen.items() if value is not None}
-        if args.checkpoint:
+        if args.checkpoint:  # the teachers come from one place: the one given here wins
             settings.pop("teachers", None)
+        elif args.experiment is not None:
+            settings.pop("checkpoints", None)
         if not settings.get("teachers") and not settings.get("checkpoints"):
             parser.error("give --experiment or --checkpoint (or a config whose distillation section names teachers)")
         config = validate(with_overrides(raw, {"distillation": settings}))
         device = resolve_device(args.device or config.device)
-        location = ensure_teacher_store(config, device)
+        location = ensure_teacher_store(config, device, args.overwrite)
         teachers = ", ".join(t.id for t in select_teachers(config.distillation))
         print(f"teachers' store {location}: {teachers}")
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--relevance-threshold",
         type=float,
         metavar="T",
-        help="graded tables: grades >= T are relevant (default: any grade above 0); NDCG uses the grades as gains",
+        help="graded tables: grades >= T are relevant (default: the model config's data.relevance_threshold, or any "
+        "grade above 0); NDCG uses the grades as gains",
     )
     return parser
 
@@ -203,6 +204,7 @@ def relevance_metrics(
     """The metrics of the DCASE 2025 protocol, every clip the relevance table lists counted relevant (mAP@10 and
     mAP@16), printed as a second table; with the table's file, threshold and relevant clips per caption."""
     dataset_dir = config.data.dataset_dir
+    threshold = config.data.relevance_threshold if threshold is None else threshold
     path = relevance_csv(dataset_dir, split) if table_file == DATASET_TABLE else Path(table_file)
     matrix = relevance_matrix(read_relevance(path, dataset_dir, split), fnames, captions, str(path))
     metrics = retrieval_metrics(scores, caption_audio, matrix, threshold=threshold, ks=DCASE2025_KS)

@@ -10,10 +10,10 @@ import torch
 
 from models.losses import ClipLoss, LogSoftmaxLoss, distillation_loss
 from utils.checkpoints import load_checkpoint, load_trained_model
-from utils.config import DistillationConfig, validate, with_overrides
+from utils.config import DistillationConfig, check_search, validate, with_overrides
 from utils.errors import ConfigError, DatasetError
 from utils.inference import encode_split
-from utils.teachers import TeacherScores, ensure_teacher_store, select_teachers, store_teacher_ids
+from utils.teachers import TeacherScores, ensure_teacher_store, select_teachers, split_digest, store_teacher_ids
 from utils.training import Distiller, train
 
 CPU = torch.device("cpu")
@@ -105,14 +105,17 @@ def test_the_store_holds_the_teachers_scores_and_is_written_once(teachers, tmp_p
     embedded = [encode_split(*load_trained_model(c, CPU), split, CPU) for c in checkpoints]
     fids, cids = embedded[0].fids, embedded[0].cids
     scores = torch.stack([e.scores() for e in embedded]).mean(0)  # (n_audio, n_captions)
-    reader = TeacherScores(store, fids, cids)
+    digest = split_digest(config.data.dataset_dir, split)
+    reader = TeacherScores(store, fids, cids, digest)
     rng = np.random.default_rng(0)
     audio_rows, caption_rows = rng.integers(len(fids), size=8), rng.integers(len(cids), size=8)
     got = reader(torch.from_numpy(fids[audio_rows]), torch.from_numpy(cids[caption_rows]))
     want = scores[audio_rows][:, caption_rows]
     assert torch.allclose(got, want, atol=2e-3)  # the TAP teacher's matrix is stored in float16
     with pytest.raises(DatasetError, match="no clip fid 999"):
-        TeacherScores(store, np.append(fids, 999), cids)
+        TeacherScores(store, np.append(fids, 999), cids, digest)
+    with pytest.raises(DatasetError, match="re-indexed since"):  # the dataset's ids changed meaning since
+        TeacherScores(store, fids, cids, "another digest")
 
 
 def test_the_teachers_command_stores_them(teachers, tmp_path, monkeypatch, capsys):
@@ -168,6 +171,21 @@ def test_distillation_settings_are_checked(tiny_raw, tmp_path):
         )
     with pytest.raises(ConfigError, match="distillation.weight"):
         validate(with_overrides(tiny_raw, {"distillation": {"teachers": "runs/x", "weight": -1}}))
+    teaching = with_overrides(tiny_raw, {"distillation": {"teachers": "runs/x"}})
+    with pytest.raises(ConfigError, match="only distillation.weight, .* can be searched"):
+        check_search(
+            teaching,
+            validate(with_overrides(teaching, {"ray_conf.search_space": {"distillation.top_k": {"grid": [1, 2]}}})),
+        )
+    with pytest.raises(ConfigError, match="searched without teachers"):
+        check_search(
+            tiny_raw,
+            validate(with_overrides(tiny_raw, {"ray_conf.search_space": {"distillation.weight": {"grid": [0, 1]}}})),
+        )
+    check_search(
+        teaching,
+        validate(with_overrides(teaching, {"ray_conf.search_space": {"distillation.weight": {"grid": [0, 1]}}})),
+    )
     with pytest.raises(ConfigError, match="no results.csv and best.json"):
         select_teachers(DistillationConfig(teachers="/nowhere/at/all"))
     import main  # and main.py says so before Ray starts

@@ -15,12 +15,13 @@ from utils.relevance import read_relevance, relevance_matrix
 KS = MetricKs(map=(10, 16), recall=(1, 5, 10), ndcg=(5, 10))
 
 
-def plain_query(scores, grades, threshold):
+def plain_query(scores, grades, own, threshold):
     """One query's metrics from the definitions: its items ranked by a stable descending sort (ties in item
-    order), ``grades`` (0: not judged) as NDCG gains, the grades reaching ``threshold`` relevant."""
+    order), ``grades`` (0: not judged) as NDCG gains, relevant: the pairing's items (``own``) and those whose
+    grade reaches ``threshold``."""
     order = np.argsort(-scores, kind="stable")
     ranked = grades[order]
-    relevant = ranked >= threshold if threshold is not None else ranked > 0
+    relevant = (ranked >= threshold if threshold is not None else ranked > 0) | own[order]
     n_relevant = max(int(relevant.sum()), 1)
     out = {}
     for k in KS.map:  # DCASE 2025 baseline: precision at each relevant hit within the top k, over all relevant
@@ -39,8 +40,9 @@ def plain_query(scores, grades, threshold):
 
 def plain_metrics(scores, caption_audio, dense, threshold):
     """Both directions query by query; ``dense`` ``(n_audio, n_captions)`` grades, the pairing included."""
-    t2a = [plain_query(scores[:, c], dense[:, c], threshold) for c in range(scores.shape[1])]
-    a2t = [plain_query(scores[a], dense[a], threshold) for a in range(scores.shape[0])]
+    own = caption_audio[None, :] == np.arange(scores.shape[0])[:, None]
+    t2a = [plain_query(scores[:, c], dense[:, c], own[:, c], threshold) for c in range(scores.shape[1])]
+    a2t = [plain_query(scores[a], dense[a], own[a], threshold) for a in range(scores.shape[0])]
 
     def mean(rows):
         out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "rank" and not k.startswith("any")}
@@ -68,7 +70,7 @@ def random_split(seed, n_audio=30, graded=False, ties=False):
     table = torch.sparse_coo_tensor(np.stack(np.nonzero(extra)), values, (n_audio, n_captions), check_invariants=True)
     dense = np.zeros((n_audio, n_captions))
     dense[extra] = values
-    dense[own] = values.max()  # a caption's own clip: the table's highest grade
+    dense[own] = max(values.max(), 1.0)  # a caption's own clip: the table's highest grade, at least 1
     return scores, caption_audio, table, dense
 
 
@@ -109,6 +111,21 @@ def test_without_a_table_nothing_changes():
         "mean_rank",
         "median_rank",
     }
+
+
+def test_a_pair_given_twice_counts_once_at_its_higher_grade():
+    scores, caption_audio, _, _ = random_split(7, n_audio=6)
+    once = torch.sparse_coo_tensor([[1], [0]], [2.0], scores.shape, check_invariants=True)
+    twice = torch.sparse_coo_tensor([[1, 1], [0, 0]], [1.0, 2.0], scores.shape, check_invariants=True)
+    summed = torch.sparse_coo_tensor([[1], [0]], [3.0], scores.shape, check_invariants=True)
+    assert retrieval_metrics(scores, caption_audio, twice, threshold=3.0) == retrieval_metrics(
+        scores, caption_audio, once, threshold=3.0
+    )
+    assert retrieval_metrics(scores, caption_audio, summed, threshold=3.0) != retrieval_metrics(
+        scores, caption_audio, once, threshold=3.0
+    )
+    zeros = torch.sparse_coo_tensor([[1], [0]], [0.0], scores.shape, check_invariants=True)  # nothing more
+    assert retrieval_metrics(scores, caption_audio, zeros) == retrieval_metrics(scores, caption_audio)
 
 
 def test_hand_computed_example_with_ties():

@@ -84,6 +84,19 @@ def test_a_bad_second_stage_fails_before_anything_runs(tmp_path):
         load_config(path)
 
 
+def test_both_stages_are_checked_before_ray_starts(tiny_dataset, tmp_path):
+    raw = two_stage_raw(tiny_dataset, tmp_path / "runs")
+    path = tmp_path / "two_stage.yaml"
+    # a second stage whose student cannot start from a first-stage trial's weights
+    raw["distillation"]["stage2"] = {"model.embed_dim": 8, "data.dataset_dir": "elsewhere"}
+    path.write_text(yaml.safe_dump(raw))
+    _, loaded = load_config(path)
+    assert loaded["distillation"]["stage2"]["data.dataset_dir"] == str(tmp_path / "elsewhere")  # as the file's
+    del loaded["distillation"]["stage2"]["data.dataset_dir"]
+    with pytest.raises(ConfigError, match="init_from_teacher: .*shape mismatch"):
+        main.check_two_stages(loaded, joins_cluster=False)
+
+
 def test_selecting_on_the_dcase2025_metric_needs_a_relevance_table(tiny_raw):
     config = validate(with_overrides(tiny_raw, {"ray_conf.metric": "val/relevance/t2a_mAP@16"}))
     with pytest.raises(ConfigError, match="validation_relevance.csv does not exist"):

@@ -538,13 +538,31 @@ def stage2_config(stage2: dict[str, Any], teachers: str) -> dict[str, Any]:
     return with_overrides(stage2, {"distillation.teachers": teachers})
 
 
+SEARCHABLE_DISTILLATION = ("distillation.weight", "distillation.supervised_weight", "distillation.temperature")
+
+
 def check_search(raw: dict[str, Any], config: Config) -> None:
-    """The search space (and PBT's mutations) of a validated config: every value it can take gives a valid config."""
-    validate_search_space(raw, config.ray_conf.search_space)
+    """The search space (and PBT's mutations) of a validated config: every value it can take gives a valid config,
+    and the distillation keys searched are the loss's weights and temperature of a distilling search (the teachers
+    and their store are made once, before the trials)."""
+    spaces = {"ray_conf.search_space": config.ray_conf.search_space}
     if isinstance(config.ray_conf.scheduler, PBTSchedulerConfig):
-        validate_search_space(
-            raw, config.ray_conf.scheduler.hyperparam_mutations, "ray_conf.scheduler.hyperparam_mutations"
-        )
+        spaces["ray_conf.scheduler.hyperparam_mutations"] = config.ray_conf.scheduler.hyperparam_mutations
+    for where, space in spaces.items():
+        for path in space:
+            if path != "distillation" and not path.startswith("distillation."):
+                continue
+            if path not in SEARCHABLE_DISTILLATION:
+                raise ConfigError(
+                    f"{where}.{path}: of distillation only {', '.join(SEARCHABLE_DISTILLATION)} can be searched: "
+                    "the teachers' store is written once, before the trials"
+                )
+            if config.distillation is None or config.distillation.two_stage:
+                raise ConfigError(
+                    f"{where}.{path}: searched without teachers; a two-stage run searches it in its second stage "
+                    "(distillation.stage2's ray_conf.search_space)"
+                )
+        validate_search_space(raw, space, where)
 
 
 def load_config(config_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, Any]]:

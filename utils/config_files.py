@@ -192,6 +192,11 @@ def load_raw(
     checkpoints = get_path(raw, "distillation.checkpoints")
     if isinstance(checkpoints, list):  # teachers named by path
         set_path(raw, "distillation.checkpoints", [absolute(c) for c in checkpoints])
+    stage2 = get_path(raw, "distillation.stage2")  # a two-stage run's second-stage overrides, dotted keys
+    for dotted, value in (stage2 if isinstance(stage2, dict) else {}).items():
+        folder_id = dotted in _MODEL_ID_KEYS and (config_path.parent / Path(str(value))).is_dir()
+        if isinstance(value, str) and (dotted in _PATH_KEYS or folder_id):
+            stage2[dotted] = absolute(value)
     extra_train = get_path(raw, "data.extra_train")
     for source in extra_train if isinstance(extra_train, list) else []:  # more training datasets' folders
         if isinstance(source, dict) and isinstance(source.get("dataset_dir"), str):

@@ -48,15 +48,20 @@ class Judgements:
 
     @staticmethod
     def of(
-        query: torch.Tensor, item: torch.Tensor, grade: torch.Tensor, n_item: int, threshold: float | None
+        query: torch.Tensor,
+        item: torch.Tensor,
+        grade: torch.Tensor,
+        own: torch.Tensor,
+        n_item: int,
+        threshold: float | None,
     ) -> Judgements:
-        """From ``(nnz,)`` query and item indices and grades of distinct pairs, in any order; ``threshold`` None:
-        every positive grade is relevant."""
-        keep = grade > 0
-        query, item, grade = query[keep], item[keep], grade[keep].float()
+        """From ``(nnz,)`` query and item indices, grades and pairing flags ``own`` of distinct pairs, in any order:
+        a pair of the pairing is relevant, another when its grade reaches ``threshold`` (None: above 0)."""
+        keep = (grade > 0) | own
+        query, item, grade, own = query[keep], item[keep], grade[keep].float(), own[keep]
         order = torch.argsort(query * n_item + item)
-        query, item, grade = query[order], item[order], grade[order]
-        return Judgements(query, item, grade, grade > 0 if threshold is None else grade >= threshold)
+        query, item, grade, own = query[order], item[order], grade[order], own[order]
+        return Judgements(query, item, grade, own | (grade > 0 if threshold is None else grade >= threshold))
 
     def lookup(self, n_item: int, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grade and relevance of each query's ranked items ``top`` ``(n_query, k)``: two ``(n_query, k)``
@@ -162,37 +167,42 @@ def retrieval_metrics(
     ``scores``: ``(n_audio, n_captions)`` similarity, higher is better.
     ``caption_audio``: ``(n_captions,)`` row of ``scores`` holding each caption's clip.
     ``relevance``: optional sparse ``(n_audio, n_captions)`` grades of further relevant pairs (a relevance table,
-    ``utils.relevance``, DCASE 2025): a pair is relevant when its grade reaches ``threshold`` (None: any positive
-    grade), and graded NDCG uses the grades as gains. Each caption's own clip stays relevant, with the table's
-    highest grade (1 without a table).
+    ``utils.relevance``, DCASE 2025; a pair given twice counts at its higher grade): a pair is relevant when its
+    grade reaches ``threshold`` (None: any positive grade), and graded NDCG uses the grades as gains. Each
+    caption's own clip is relevant at any threshold, with the table's highest grade (at least 1; 1 without a
+    table).
     ``t2a`` and ``a2t`` (the DCASE protocol): R@k = relevant items in the top k / all relevant items of the query;
     mAP@k = sum of precision at each relevant hit within the top k / number of relevant items (the DCASE 2025
     baseline's definition; ``ks.map``, 10 by default, 16 for DCASE 2025); NDCG@5 and NDCG@10; ``mean_rank`` and
     ``median_rank`` of the first relevant item (1-based). Ties rank the lower index first.
     ``a2t_any`` (the CLAP-style protocol): R@k = 1 when any relevant caption is in the clip's top k.
     """
-    scores = torch.as_tensor(scores, dtype=torch.float32)
-    caption_audio = torch.as_tensor(caption_audio, dtype=torch.long)
+    scores = torch.as_tensor(scores, dtype=torch.float32).cpu()  # small index tensors are built on the CPU
+    caption_audio = torch.as_tensor(caption_audio, dtype=torch.long).cpu()
     n_audio, n_captions = scores.shape
     if caption_audio.shape != (n_captions,):
         raise ValueError(f"caption_audio has shape {tuple(caption_audio.shape)}, expected ({n_captions},)")
-    audio, text, grade = caption_audio, torch.arange(n_captions), torch.ones(n_captions)  # the pairing
+    audio, text = caption_audio, torch.arange(n_captions)  # the pairing
+    grade, own = torch.ones(n_captions), torch.ones(n_captions, dtype=torch.bool)
     if relevance is not None:
         if tuple(relevance.shape) != (n_audio, n_captions):
             raise ValueError(f"relevance has shape {tuple(relevance.shape)}, expected {(n_audio, n_captions)}")
-        relevance = relevance.coalesce()
-        values = relevance.values().float()
-        top = values.max() if len(values) else torch.tensor(1.0)
-        # the union, each pair once at its highest grade (a table may list the pairing itself); its own clip
-        # stays relevant to every caption, at the table's highest grade
-        both = torch.cat([relevance.indices(), torch.stack([audio, text])], dim=1)  # (2, nnz + n_captions)
+        relevance = relevance.cpu().to_sparse_coo()
+        # the entries as given: coalescing would add up a pair listed twice
+        indices, values = relevance._indices(), relevance._values().float()
+        top = max(values.max().item(), 1.0) if len(values) else 1.0
+        # the union, each pair once at its highest grade (a table may list the pairing itself); a caption's own
+        # clip is relevant at any threshold, at the table's highest grade (at least 1)
+        both = torch.cat([indices, torch.stack([audio, text])], dim=1)  # (2, nnz + n_captions)
         unique, inverse = (both[0] * n_captions + both[1]).unique(return_inverse=True)
         grade = torch.zeros(len(unique)).scatter_reduce_(
-            0, inverse, torch.cat([values, top.expand(n_captions)]), "amax", include_self=False
+            0, inverse, torch.cat([values, torch.full((n_captions,), top)]), "amax", include_self=False
         )
+        flags = torch.cat([torch.zeros(len(values)), torch.ones(n_captions)])
+        own = torch.zeros(len(unique)).scatter_reduce_(0, inverse, flags, "amax", include_self=False).bool()
         audio, text = unique // n_captions, unique % n_captions
-    t2a, _ = _ranked_metrics(scores.T, Judgements.of(text, audio, grade, n_audio, threshold), ks)
-    a2t, hits = _ranked_metrics(scores, Judgements.of(audio, text, grade, n_captions, threshold), ks)
+    t2a, _ = _ranked_metrics(scores.T, Judgements.of(text, audio, grade, own, n_audio, threshold), ks)
+    a2t, hits = _ranked_metrics(scores, Judgements.of(audio, text, grade, own, n_captions, threshold), ks)
     a2t_any = {f"R@{r}": (hits[:, :r].sum(dim=1) > 0).float().mean().item() for r in ks.recall}
     return {"t2a": t2a, "a2t": a2t, "a2t_any": a2t_any}
 

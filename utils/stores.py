@@ -72,6 +72,9 @@ class DataConfig(StrictModel):
     # other datasets whose clips and captions join the training split (Clotho + converted tags, ...); validation
     # and evaluation stay on dataset_dir's splits
     extra_train: list[TrainSource] = []
+    # graded {split}_relevance.csv tables (DCASE 2025): the grades that count as relevant, in validation and scoring;
+    # null: any grade above 0
+    relevance_threshold: float | None = None
 
     def splits(self) -> list[str]:
         """Training, validation and evaluation split names: what preprocessing does by default."""

@@ -5,12 +5,15 @@ The store (``store_location``) holds one group per teacher, in rank order (``tea
 its ``id``, ``checkpoint`` and selection ``value`` as attributes and the training split's clip ids ``fids``
 ``(n_audio,)`` and caption ids ``cids`` ``(n_captions,)``, then either unit vectors ``audio`` ``(n_audio, E)`` and
 ``text`` ``(n_captions, E)`` or, for a teacher with a text-aware pooling head (whose pair scores do not factor
-into two vectors), its whole ``scores`` matrix ``(n_audio, n_captions)`` in float16. The store's ``ids``
-attribute lists the teachers: a store that lists the same ones is not written again.
+into two vectors), its whole ``scores`` matrix ``(n_audio, n_captions)`` in float16. The store's attributes name
+the teachers (``ids``), the ``split`` and a ``digest`` of the split's clip and caption tables (the ids are
+positions in them): a store with the same teachers and digest is not written again, and training refuses a store
+whose digest is not its dataset's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -30,8 +33,8 @@ from utils.errors import ConfigError, DatasetError
 from utils.experiments import BEST_FILE
 from utils.inference import encode_split
 from utils.reporting import RESULTS_TABLE
-from utils.storage import download, exists, join, mirror, parent, read_bytes, read_json_at, upload
-from utils.stores import atomic_h5
+from utils.storage import download, exists, file_time, join, mirror, parent, read_bytes, read_json_at, upload
+from utils.stores import AUDIO_COLUMNS, TEXT_COLUMNS, atomic_h5, audio_table, read_table, text_table
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,15 @@ def local_file(location: str | Path) -> Path:
     if not is_uri(location):
         return Path(location)
     local = mirror(parent(location)) / Path(str(location)).name
-    return local if local.is_file() else download(str(location), local)
+    if local.is_file() and local.stat().st_mtime >= (file_time(location) or 0):
+        return local
+    return download(str(location), local)  # missing here, or rewritten there since
 
 
 def select_teachers(distillation: DistillationConfig) -> list[Teacher]:
-    """The named checkpoints, or the ``top_k`` best trials of the teachers' experiment (its ``results.csv``, best
-    first: each trial's best kept checkpoint). ``ConfigError`` when the experiment has none to give."""
+    """The named checkpoints (the first one listed counts as the best), or the ``top_k`` best trials of the
+    teachers' experiment that did not fail (its ``results.csv``, best first: each trial's best kept checkpoint).
+    ``ConfigError`` when the experiment has none to give."""
     if distillation.checkpoints:
         return [Teacher(str(path), str(path)) for path in distillation.checkpoints]
     table_file = join(distillation.teachers, RESULTS_TABLE)
@@ -90,10 +96,23 @@ def select_teachers(distillation: DistillationConfig) -> list[Teacher]:
             "distillation.top_k %d: %s has %d usable trials", distillation.top_k, distillation.teachers, len(usable)
         )
     metric = read_json_at(join(distillation.teachers, BEST_FILE))["metric"]  # what results.csv is sorted by
-    return [
-        Teacher(str(row["trial_id"]), str(row["checkpoint"]), float(row[metric]) if metric in row else None)
-        for _, row in usable.head(distillation.top_k).iterrows()
-    ]
+    teachers = []
+    for _, row in usable.head(distillation.top_k).iterrows():
+        # the checkpoint relative to the experiment's folder, so that a moved or copied experiment still teaches
+        checkpoint = str(row["checkpoint"])
+        if not is_uri(checkpoint) and not Path(checkpoint).is_absolute():
+            checkpoint = str(join(distillation.teachers, checkpoint))
+        value = float(row[metric]) if metric in row and row[metric] != "" else None
+        teachers.append(Teacher(str(row["trial_id"]), checkpoint, value))
+    return teachers
+
+
+def split_digest(dataset_dir: Path, split: str) -> str:
+    """A digest of a split's clip ids and file names and its caption ids and texts (``{split}_audio.csv``,
+    ``{split}_text.csv``): what a teachers' store's ids mean."""
+    audio = read_table(audio_table(dataset_dir, split), AUDIO_COLUMNS)[["fid", "fname"]]
+    text = read_table(text_table(dataset_dir, split), TEXT_COLUMNS)[["cid", "raw_text"]]
+    return hashlib.sha256((audio.to_csv(index=False) + text.to_csv(index=False)).encode()).hexdigest()
 
 
 def store_checkpoints(path: Path) -> list[str]:
@@ -102,13 +121,29 @@ def store_checkpoints(path: Path) -> list[str]:
         return [f[f"{GROUP}/{i}"].attrs["checkpoint"] for i in range(len(f[GROUP]))]
 
 
-def store_teacher_ids(path: Path) -> list[str] | None:
-    """The teacher ids a store at ``path`` lists, or None when there is no readable store."""
+def store_attrs(path: Path) -> dict[str, str]:
+    """A store's ``ids`` (JSON), ``split`` and ``digest``; empty when there is no readable store at ``path``."""
     try:
         with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["ids"])
-    except (OSError, KeyError, ValueError):
-        return None
+            return {key: str(f.attrs[key]) for key in ("ids", "split", "digest")}
+    except (OSError, KeyError):
+        return {}
+
+
+def store_teacher_ids(path: Path) -> list[str] | None:
+    """The teacher ids a store at ``path`` lists, or None when there is no readable store."""
+    attrs = store_attrs(path)
+    return json.loads(attrs["ids"]) if attrs else None
+
+
+def check_teacher_dataset(teacher_id: str, teacher: Config, config: Config) -> None:
+    """A teacher (its config) was trained on the student's ``data.dataset_dir``, or a ``ConfigError``: the store is
+    keyed by the dataset's clip and caption ids."""
+    if Path(teacher.data.dataset_dir).resolve() != Path(config.data.dataset_dir).resolve():
+        raise ConfigError(
+            f"distillation: teacher {teacher_id} was trained on {teacher.data.dataset_dir}, not on "
+            f"data.dataset_dir {config.data.dataset_dir}: its ids would name other clips"
+        )
 
 
 @torch.no_grad()
@@ -119,13 +154,10 @@ def write_teacher_store(teachers: list[Teacher], config: Config, path: Path, dev
     with atomic_h5(path) as f:
         f.attrs["ids"] = json.dumps([t.id for t in teachers])
         f.attrs["split"] = split
+        f.attrs["digest"] = split_digest(config.data.dataset_dir, split)
         for rank, teacher in enumerate(teachers):
             model, own = load_trained_model(local_file(teacher.checkpoint), device)
-            if Path(own.data.dataset_dir).resolve() != Path(config.data.dataset_dir).resolve():
-                raise ConfigError(
-                    f"distillation: teacher {teacher.id} was trained on {own.data.dataset_dir}, not on "
-                    f"data.dataset_dir {config.data.dataset_dir}: its ids would name other clips"
-                )
+            check_teacher_dataset(teacher.id, own, config)
             embeds = encode_split(model, own, split, device, own.param_conf.batch_size)
             group = f.create_group(f"{GROUP}/{rank}")
             group.attrs.update(
@@ -150,16 +182,21 @@ def write_teacher_store(teachers: list[Teacher], config: Config, path: Path, dev
     return path
 
 
-def ensure_teacher_store(config: Config, device: torch.device) -> str | Path:
-    """The teachers' store of ``config``, written first unless one listing the same teachers exists (a cloud store is
-    written in the local mirror, then uploaded). Returns its location."""
+def ensure_teacher_store(config: Config, device: torch.device, overwrite: bool = False) -> str | Path:
+    """The teachers' store of ``config``, written first unless one of the same teachers and split exists (or with
+    ``overwrite``); a cloud store is written in the local mirror, then uploaded. Returns its location."""
     teachers = select_teachers(config.distillation)
     location = store_location(config)
+    split = config.data.train_split
     ids = [t.id for t in teachers]
-    local = mirror(parent(location)) / Path(str(location)).name if is_uri(location) else Path(location)
-    if is_uri(location) and exists(location) and not local.is_file():
-        download(str(location), local)
-    if store_teacher_ids(local) == ids:
+    wanted = {"ids": json.dumps(ids), "split": split, "digest": split_digest(config.data.dataset_dir, split)}
+    if not is_uri(location):
+        local = Path(location)
+    elif exists(location):
+        local = local_file(location)  # the newest copy, in the local mirror
+    else:
+        local = mirror(parent(location)) / Path(str(location)).name
+    if not overwrite and store_attrs(local) == wanted:
         log.info("teachers' store %s is up to date (%s)", location, ", ".join(ids))
         return location
     log.info("embedding %s with %d teacher(s) into %s", config.data.train_split, len(teachers), location)
@@ -171,9 +208,15 @@ def ensure_teacher_store(config: Config, device: torch.device) -> str | Path:
 
 class TeacherScores:
     """The teachers' averaged cosine of any (clip, caption) pairs of the training split, from their store, held in
-    memory; ``fids`` and ``cids`` are the ids training will ask for, every one checked to be in every teacher."""
+    memory (a text-aware teacher's matrix in float16); ``fids`` and ``cids`` are the ids training will ask for, every
+    one checked to be in every teacher, and ``digest`` the dataset's (``split_digest``), checked against the store's."""
 
-    def __init__(self, path: Path, fids: np.ndarray, cids: np.ndarray) -> None:
+    def __init__(self, path: Path, fids: np.ndarray, cids: np.ndarray, digest: str) -> None:
+        if store_attrs(path).get("digest") != digest:
+            raise DatasetError(
+                f"{path} was written for other clip and caption ids than the dataset's now (re-indexed since?): "
+                "delete it, or rewrite it with postprocessing/teachers.py --overwrite"
+            )
         self.parts: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.checkpoints = store_checkpoints(path)
         with h5py.File(path, "r") as f:
@@ -181,9 +224,7 @@ class TeacherScores:
             for i in range(len(group)):
                 teacher = group[str(i)]
                 rows = {
-                    name: torch.from_numpy(teacher[name][:].astype(np.float32))
-                    for name in ("audio", "text", "scores")
-                    if name in teacher
+                    name: torch.from_numpy(teacher[name][:]) for name in ("audio", "text", "scores") if name in teacher
                 }
                 audio_row = _row_lookup(teacher["fids"][:], fids, f"{path}: teacher {teacher.attrs['id']}", "clip fid")
                 text_row = _row_lookup(
@@ -200,8 +241,8 @@ class TeacherScores:
         a, c = audio_ids.cpu(), caption_ids.cpu()
         total = torch.zeros(len(a), len(c))
         for audio_row, text_row, rows in self.parts:  # a handful of teachers; each term is one matrix product
-            if "scores" in rows:
-                total += rows["scores"][audio_row[a]][:, text_row[c]]
+            if "scores" in rows:  # only the batch's (N, N) entries, widened from float16
+                total += rows["scores"][audio_row[a][:, None], text_row[c][None, :]].float()
             else:
                 total += rows["audio"][audio_row[a]] @ rows["text"][text_row[c]].T
         return (total / len(self.parts)).to(audio_ids.device)

@@ -21,12 +21,13 @@ from utils.checkpoints import build_model, load_checkpoint, load_trained_model, 
 from utils.config import Config, DistillationConfig, LRSchedulerConfig, OptimizerConfig, ParamConfig
 from utils.data import CaptionPairs, TrainingPairs, pair_loader, to_device
 from utils.distributed import gather_ids, gather_pairs, world
+from utils.errors import ConfigError
 from utils.inference import encode_split
 from utils.metrics import DCASE2025_KS, flatten_metrics, retrieval_metrics, sequence_metrics
 from utils.relevance import read_relevance, relevance_matrix
 from utils.runtime import resolve_device, seed_everything
 from utils.stores import relevance_csv
-from utils.teachers import TeacherScores, local_file, store_location
+from utils.teachers import TeacherScores, local_file, split_digest, store_location
 from utils.tower_stores import check_inputs, extra_sources
 
 log = logging.getLogger(__name__)
@@ -258,9 +259,12 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
     inputs = model_inputs(config)
     model = build_model(config, device, inputs=inputs)
     distiller = None
+    if config.distillation is not None and config.distillation.two_stage:
+        raise ConfigError("distillation names no teachers: main.py runs the search that makes them first")
     if config.distillation is not None:  # stage 2: the teachers' store was written before the search started
         pairs = training_pairs.datasets[0]  # the only training source (no data.extra_train with distillation)
-        teachers = TeacherScores(local_file(store_location(config)), pairs.fids, pairs.cids)
+        digest = split_digest(data.dataset_dir, data.train_split)
+        teachers = TeacherScores(local_file(store_location(config)), pairs.fids, pairs.cids, digest)
         distiller = Distiller(teachers, config.distillation)
         if config.distillation.init_from_teacher and resume_from is None:
             best = local_file(teachers.checkpoints[0])
@@ -305,7 +309,9 @@ def train(config: Config, report: ReportFn, resume_from: Path | None = None) -> 
             if "matrix" not in relevance:  # the split's rows come in the same order at every validation
                 table = read_relevance(val_relevance, data.dataset_dir, data.val_split)
                 relevance["matrix"] = relevance_matrix(table, val.fnames, val.captions, str(val_relevance))
-            dcase2025 = retrieval_metrics(scores, val.caption_audio, relevance["matrix"], ks=DCASE2025_KS)
+            dcase2025 = retrieval_metrics(
+                scores, val.caption_audio, relevance["matrix"], threshold=data.relevance_threshold, ks=DCASE2025_KS
+            )
             metrics |= flatten_metrics(dcase2025, "val/relevance")
         if model.sequence:  # audio2img: how close the audio sequences come to their captions' targets
             metrics |= {
