@@ -53,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and usage errors answer here, before torch loads (seconds)
 
-import torch
 
 from utils.config import Config, validate, with_overrides
 from utils.config_files import is_uri, load_raw
@@ -73,8 +72,7 @@ def absolute(location: str | Path | None) -> str | None:
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
-    setup_logging()
-    torch.set_grad_enabled(False)
+    setup_logging()  # the teachers embed under torch.no_grad (write_teacher_store)
     with exit_on_input_error():
         raw = load_raw(args.config, args.overrides, Config)
         settings = dict(raw.get("distillation") or {})
