@@ -97,7 +97,10 @@ def test_relevance_metrics_equal_per_query_definitions(seed, graded, threshold, 
 def test_without_a_table_nothing_changes():
     scores, caption_audio, _, _ = random_split(5)
     pairing = torch.sparse_coo_tensor(
-        np.stack([caption_audio, np.arange(caption_audio.size)]), np.ones(caption_audio.size), scores.shape
+        np.stack([caption_audio, np.arange(caption_audio.size)]),
+        np.ones(caption_audio.size),
+        scores.shape,
+        check_invariants=True,
     )
     # a table listing only the pairing is no table; the default cut-offs are today's
     assert retrieval_metrics(scores, caption_audio, pairing) == retrieval_metrics(scores, caption_audio)
