@@ -134,7 +134,7 @@ def test_a_pair_given_twice_counts_once_at_its_higher_grade():
 def test_hand_computed_example_with_ties():
     # one caption (column 0, written for clip A = 0); the table adds clip C = 2 at grade 2 and clip B = 1 at 0.5
     scores = np.array([[0.5], [0.9], [0.2], [0.5]])  # clips A, B, C, D
-    table = torch.sparse_coo_tensor([[2, 1], [0, 0]], [2.0, 0.5], (4, 1))
+    table = torch.sparse_coo_tensor([[2, 1], [0, 0]], [2.0, 0.5], (4, 1), check_invariants=True)
     m = retrieval_metrics(scores, np.array([0]), table, threshold=1.0, ks=KS)["t2a"]
     # stable ranking: B (0.9), A (0.5, index 0 before D's 0.5), D, C; relevant (grade >= 1): A 2nd, C 4th
     assert m["mAP@16"] == pytest.approx((1 / 2 + 2 / 4) / 2)
@@ -144,7 +144,9 @@ def test_hand_computed_example_with_ties():
     dcg = 0.5 / math.log2(2) + 2 / math.log2(3) + 2 / math.log2(5)
     assert m["NDCG@5"] == pytest.approx(dcg / (2 + 2 / math.log2(3) + 0.5 / math.log2(4)))
     # D scored like A but after it: were the tie broken the other way, A would be 3rd
-    swapped = retrieval_metrics(scores[[3, 1, 2, 0]], np.array([3]), torch.sparse_coo_tensor([[2], [0]], [2.0], (4, 1)))
+    swapped = retrieval_metrics(
+        scores[[3, 1, 2, 0]], np.array([3]), torch.sparse_coo_tensor([[2], [0]], [2.0], (4, 1), check_invariants=True)
+    )
     assert swapped["t2a"]["mean_rank"] == 3.0
 
 
