@@ -83,7 +83,14 @@ from postprocessing.xmodal_scores import load_scores, scores_file, write_scores
 from utils.checkpoints import read_model_config
 from utils.config import Config
 from utils.experiments import find_model
-from utils.metrics import DCASE2025_KS, DCASE2025_MAP_K, caption_ranks, retrieval_metrics, stable_topk
+from utils.metrics import (
+    DCASE2025_KS,
+    DCASE2025_MAP_K,
+    caption_ranks,
+    relevant_per_caption,
+    retrieval_metrics,
+    stable_topk,
+)
 from utils.relevance import read_relevance, relevance_matrix
 from utils.storage import publish_new_files
 from utils.stores import relevance_csv, write_csv, write_json
@@ -208,13 +215,7 @@ def relevance_metrics(
     path = relevance_csv(dataset_dir, split) if table_file == DATASET_TABLE else Path(table_file)
     matrix = relevance_matrix(read_relevance(path, dataset_dir, split), fnames, captions, str(path))
     metrics = retrieval_metrics(scores, caption_audio, matrix, threshold=threshold, ks=DCASE2025_KS)
-    # relevant clips per caption: the distinct (clip, caption) pairs of the table reaching the threshold and of
-    # the pairing, over the captions
-    relevant = matrix.values() > 0 if threshold is None else matrix.values() >= threshold
-    audio, caption = matrix.indices()[:, relevant]
-    n_captions = len(captions)
-    own = torch.as_tensor(caption_audio) * n_captions + torch.arange(n_captions)
-    per_caption = torch.cat([audio * n_captions + caption, own]).unique().numel() / n_captions
+    per_caption = relevant_per_caption(caption_audio, len(fnames), matrix, threshold)
     print(
         format_table(
             metrics, f"DCASE 2025 protocol, relevance from {path}: {per_caption:.2f} relevant clips per caption"

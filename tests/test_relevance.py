@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from utils.errors import DatasetError
-from utils.metrics import MetricKs, retrieval_metrics
+from utils.metrics import MetricKs, relevant_per_caption, retrieval_metrics
 from utils.relevance import read_relevance, relevance_matrix
 
 KS = MetricKs(map=(10, 16), recall=(1, 5, 10), ndcg=(5, 10))
@@ -140,6 +140,8 @@ def test_hand_computed_example_with_ties():
     assert m["mAP@16"] == pytest.approx((1 / 2 + 2 / 4) / 2)
     assert m["mAP@10"] == m["mAP@16"]
     assert (m["R@1"], m["R@5"], m["mean_rank"]) == (0.0, 1.0, 2.0)
+    assert relevant_per_caption(np.array([0]), 4, table, threshold=1.0) == 2.0  # A and C; B's 0.5 is below it
+    assert relevant_per_caption(np.array([0]), 4, table) == 3.0
     # graded gains: B 0.5, A 2 (its own clip: the table's highest grade), D 0, C 2; ideal order A, C, B
     dcg = 0.5 / math.log2(2) + 2 / math.log2(3) + 2 / math.log2(5)
     assert m["NDCG@5"] == pytest.approx(dcg / (2 + 2 / math.log2(3) + 0.5 / math.log2(4)))

@@ -182,29 +182,48 @@ def retrieval_metrics(
     n_audio, n_captions = scores.shape
     if caption_audio.shape != (n_captions,):
         raise ValueError(f"caption_audio has shape {tuple(caption_audio.shape)}, expected ({n_captions},)")
-    audio, text = caption_audio, torch.arange(n_captions)  # the pairing
-    grade, own = torch.ones(n_captions), torch.ones(n_captions, dtype=torch.bool)
-    if relevance is not None:
-        if tuple(relevance.shape) != (n_audio, n_captions):
-            raise ValueError(f"relevance has shape {tuple(relevance.shape)}, expected {(n_audio, n_captions)}")
-        relevance = relevance.cpu().to_sparse_coo()
-        # the entries as given: coalescing would add up a pair listed twice
-        indices, values = relevance._indices(), relevance._values().float()
-        top = max(values.max().item(), 1.0) if len(values) else 1.0
-        # the union, each pair once at its highest grade (a table may list the pairing itself); a caption's own
-        # clip is relevant at any threshold, at the table's highest grade (at least 1)
-        both = torch.cat([indices, torch.stack([audio, text])], dim=1)  # (2, nnz + n_captions)
-        unique, inverse = (both[0] * n_captions + both[1]).unique(return_inverse=True)
-        grade = torch.zeros(len(unique)).scatter_reduce_(
-            0, inverse, torch.cat([values, torch.full((n_captions,), top)]), "amax", include_self=False
-        )
-        flags = torch.cat([torch.zeros(len(values)), torch.ones(n_captions)])
-        own = torch.zeros(len(unique)).scatter_reduce_(0, inverse, flags, "amax", include_self=False).bool()
-        audio, text = unique // n_captions, unique % n_captions
+    audio, text, grade, own = _judged_pairs(caption_audio, n_audio, relevance)
     t2a, _ = _ranked_metrics(scores.T, Judgements.of(text, audio, grade, own, n_audio, threshold), ks)
     a2t, hits = _ranked_metrics(scores, Judgements.of(audio, text, grade, own, n_captions, threshold), ks)
     a2t_any = {f"R@{r}": (hits[:, :r].sum(dim=1) > 0).float().mean().item() for r in ks.recall}
     return {"t2a": t2a, "a2t": a2t, "a2t_any": a2t_any}
+
+
+def _judged_pairs(
+    caption_audio: torch.Tensor, n_audio: int, relevance: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The judged (clip, caption) pairs of a split: clip and caption indices, grades and whether each is of the
+    pairing, all ``(nnz,)``. Without a table, the pairing at grade 1; with one, the union, each pair once at its
+    highest grade (a table may list the pairing itself, or a pair twice), a caption's own clip at the table's
+    highest grade (at least 1)."""
+    n_captions = len(caption_audio)
+    audio, text = caption_audio, torch.arange(n_captions)  # the pairing
+    if relevance is None:
+        return audio, text, torch.ones(n_captions), torch.ones(n_captions, dtype=torch.bool)
+    if tuple(relevance.shape) != (n_audio, n_captions):
+        raise ValueError(f"relevance has shape {tuple(relevance.shape)}, expected {(n_audio, n_captions)}")
+    relevance = relevance.cpu().to_sparse_coo()
+    indices, values = relevance._indices(), relevance._values().float()  # as given: coalescing would add up twins
+    top = max(values.max().item(), 1.0) if len(values) else 1.0
+    both = torch.cat([indices, torch.stack([audio, text])], dim=1)  # (2, nnz + n_captions)
+    unique, inverse = (both[0] * n_captions + both[1]).unique(return_inverse=True)
+    grade = torch.zeros(len(unique)).scatter_reduce_(
+        0, inverse, torch.cat([values, torch.full((n_captions,), top)]), "amax", include_self=False
+    )
+    flags = torch.cat([torch.zeros(len(values)), torch.ones(n_captions)])
+    own = torch.zeros(len(unique)).scatter_reduce_(0, inverse, flags, "amax", include_self=False).bool()
+    return unique // n_captions, unique % n_captions, grade, own
+
+
+def relevant_per_caption(
+    caption_audio: np.ndarray | torch.Tensor, n_audio: int, relevance: torch.Tensor, threshold: float | None = None
+) -> float:
+    """The mean number of relevant clips per caption that ``retrieval_metrics`` counts with ``relevance`` and
+    ``threshold``: the caption's own clip and the table's pairs whose grade reaches the threshold."""
+    caption_audio = torch.as_tensor(caption_audio, dtype=torch.long).cpu()
+    audio, text, grade, own = _judged_pairs(caption_audio, n_audio, relevance)
+    judged = Judgements.of(text, audio, grade, own, n_audio, threshold)
+    return judged.relevant.sum().item() / len(caption_audio)
 
 
 def caption_ranks(scores: np.ndarray | torch.Tensor, caption_audio: np.ndarray | torch.Tensor) -> torch.Tensor:

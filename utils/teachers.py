@@ -60,11 +60,16 @@ def store_location(config: Config) -> str | Path:
     return join(distillation.teachers, f"{GROUP}_{config.data.train_split}_top{distillation.top_k}.h5")
 
 
+def mirror_file(uri: str | Path) -> Path:
+    """Where the file at a cloud ``uri`` is copied: its folder's local mirror (``utils.storage.mirror``)."""
+    return mirror(parent(uri)) / Path(str(uri)).name
+
+
 def local_file(location: str | Path) -> Path:
     """A local copy of the file at ``location`` (itself, or its copy in the local mirror of a cloud folder)."""
     if not is_uri(location):
         return Path(location)
-    local = mirror(parent(location)) / Path(str(location)).name
+    local = mirror_file(location)
     if local.is_file() and local.stat().st_mtime >= (file_time(location) or 0):
         return local
     return download(str(location), local)  # missing here, or rewritten there since
@@ -195,7 +200,7 @@ def ensure_teacher_store(config: Config, device: torch.device, overwrite: bool =
     elif exists(location):
         local = local_file(location)  # the newest copy, in the local mirror
     else:
-        local = mirror(parent(location)) / Path(str(location)).name
+        local = mirror_file(location)
     if not overwrite and store_attrs(local) == wanted:
         log.info("teachers' store %s is up to date (%s)", location, ", ".join(ids))
         return location
