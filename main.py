@@ -19,6 +19,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -985,7 +986,7 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig
     folder; returns it. With cloud storage they are written into its local mirror (``utils.storage.mirror``),
     then uploaded beside the trials, ``best.json`` last: a reader that finds it finds the rest."""
     location = join(ray_conf.storage_path, Path(results.experiment_path).name)
-    check_all_finished(location, len(results))
+    check_all_finished(location, planned_trials(ray_conf))
     trials = trial_histories(results, raw, location)
     best, checkpoint, metrics = pick_best(results, ray_conf)
     experiment = mirror(location) if is_uri(location) else Path(location)
@@ -1018,16 +1019,25 @@ def summarise(results: tune.ResultGrid, raw: dict[str, Any], ray_conf: RayConfig
     return experiment
 
 
+def planned_trials(ray_conf: RayConfig) -> int:
+    """How many trials the search runs: ``num_samples`` per combination of the ``grid`` values (Tune's
+    variant generator; a search without grids, Optuna's too, runs ``num_samples``)."""
+    grids = [len(spec["grid"]) for spec in ray_conf.search_space.values() if "grid" in spec]
+    return ray_conf.num_samples * math.prod(grids)
+
+
 def check_all_finished(experiment: str | Path, trials: int) -> None:
-    """Raise ``ExperimentInterrupted`` with the resume command unless every trial of the experiment (a folder or
+    """Raise ``ExperimentInterrupted`` with the resume command unless all ``trials`` of the experiment (a folder or
     URI) ended, finished or failed.
 
     After Ctrl-C, Tune marks the trials it cut short as terminated in memory; the experiment
-    state it saved on the way out still says which ones were pending or running.
+    state it saved on the way out still says which ones were pending or running. Trials that Tune had not
+    created yet are not in it at all (the variant generator makes them as slots free up), so the ended ones are
+    counted against the plan, not against the saved trials.
     """
     saved = tune.ExperimentAnalysis(str(experiment)).trials
-    unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
-    if unfinished:
+    unfinished = trials - sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+    if unfinished > 0:
         raise ExperimentInterrupted(
             f"{unfinished} of {trials} trials did not finish; continue with: python main.py --resume {experiment}"
         )
