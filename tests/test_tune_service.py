@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -244,42 +243,50 @@ def test_optuna_search_runs_and_rejects_grids(tiny_raw, ray_session):
         validate(with_overrides(raw, {"ray_conf.search_space": {"optimizer.lr": {"grid": [0.1, 0.01]}}}))
 
 
-def process_titles() -> list[tuple[int, str]]:
-    """``(pid, command line)`` of this machine's processes (Ray workers show their actor there)."""
-    titles = []
+def ray_workers_of(driver: int, actor: str) -> list[int]:
+    """Pids of the ``actor`` worker processes of the local Ray that process ``driver`` started: their parent is
+    its raylet, whose parent is the driver. Other Ray instances on this machine (another pytest-xdist worker's)
+    are left alone."""
+    parents, titles = {}, {}
     for folder in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):  # ended meanwhile
-            titles.append((int(folder.name), (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-    return titles
-
-
-def kill_a_worker_after_the_first_checkpoint(storage: Path, killed: list[tuple[int, int]]) -> None:
-    """Once the data-parallel run has saved a checkpoint, SIGKILL one Ray Train worker process (a real crash);
-    records ``(pid, checkpoints saved by then)``."""
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        saved = list(storage.glob("*/*_data_parallel/checkpoint_*"))
-        workers = [pid for pid, title in process_titles() if title.startswith("ray::RayTrainWorker")]
-        if saved and workers:
-            os.kill(workers[0], signal.SIGKILL)
-            killed.append((workers[0], len(saved)))
-            return
-        time.sleep(0.1)
-
-
-def test_data_parallel_trial_with_two_workers_is_resumed_from_its_checkpoint_when_a_worker_dies(
-    tiny_raw, ray_session, tmp_path
-):
-    raw = with_overrides(
-        tiny_raw, {"param_conf.num_epochs": 3, "ray_conf.workers_per_trial": 2, "ray_conf.cpus_per_trial": 0.9}
+            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its ")"
+            parents[int(folder.name)] = int((folder / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            titles[int(folder.name)] = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return sorted(
+        pid
+        for pid, title in titles.items()
+        if title.startswith(f"ray::{actor}") and parents.get(parents.get(pid, 0)) == driver
     )
-    killed: list[tuple[int, int]] = []
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "runs", killed))
-    killer.start()
-    experiment = run_experiment(validate(raw), raw)
-    killer.join()
-    assert killed and killed[0][1] < 3  # a worker died mid-trial, with 1 or 2 of the 3 epochs saved
-    best = json.loads((experiment / "best.json").read_text())
+
+
+def test_data_parallel_trial_with_two_workers_is_resumed_from_its_checkpoint_when_a_worker_dies(tiny_dataset, tmp_path):
+    """main.py in its own process group, with its own local Ray; once the trial has saved a checkpoint, one of its
+    two Ray Train worker processes gets SIGKILL (a real crash)."""
+    storage = tmp_path / "runs"
+    args = overrides(tiny_dataset, storage, "param_conf.num_epochs=3", "ray_conf.workers_per_trial=2")
+    proc = run_main(*args, "ray_conf.cpus_per_trial=0.9", start_new_session=True)
+    try:
+        deadline, killed = time.time() + 240, None
+        while time.time() < deadline and killed is None and proc.poll() is None:
+            saved = len(list(storage.glob("*/*_data_parallel/checkpoint_*")))
+            workers = ray_workers_of(proc.pid, "RayTrainWorker")
+            if saved and workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed = saved
+            time.sleep(0.1)
+        try:
+            output = proc.communicate(timeout=300)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver started
+    assert killed is not None and killed < 3, output[-3000:]  # a worker died mid-trial, with 1 or 2 epochs saved
+    assert proc.returncode == 0, output[-5000:]
+    (summary,) = storage.glob("*/best.json")
+    experiment, best = summary.parent, json.loads(summary.read_text())
     assert "_data_parallel" in best["checkpoint"] and (experiment / "best" / "model.safetensors").is_file()
     (trial,) = trial_folders(experiment)
     assert epochs(trial) == [1, 2, 3]  # restarted from its checkpoint: no epoch trained or reported twice
