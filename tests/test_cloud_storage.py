@@ -9,6 +9,7 @@ there. A bucket or endpoint that cannot be used is one line before Ray starts.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import boto3
+import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 from test_tune_service import free_port, overrides, run_main
@@ -79,16 +81,23 @@ def keys(client, prefix: str) -> list[str]:
 
 
 def finished_trials(client, experiment_prefix: str) -> list[str]:
-    """Trial folder names that the newest experiment state in the bucket records as TERMINATED."""
+    """Trial folder names that the newest experiment state in the bucket records as TERMINATED and whose
+    ``progress.csv`` in the bucket already holds every one of their results. (The driver uploads the experiment
+    state and the trial folders file by file, so the state can name a finished trial whose rows are still on
+    their way.)"""
     states = [k for k in keys(client, experiment_prefix) if "/experiment_state-" in k]
     if not states:
         return []
     state = json.loads(client.get_object(Bucket=BUCKET, Key=max(states))["Body"].read())
     names = []
-    for trial_json, _ in state["trial_data"]:
+    for trial_json, metadata_json in state["trial_data"]:
         trial = json.loads(trial_json)
-        if trial["status"] == "TERMINATED":
-            names.append(trial["relative_logdir"])
+        progress = f"{experiment_prefix}{trial['relative_logdir']}/progress.csv"
+        if trial["status"] == "TERMINATED" and keys(client, progress):
+            reported = json.loads(metadata_json)["last_result"]["training_iteration"]
+            rows = pd.read_csv(io.BytesIO(client.get_object(Bucket=BUCKET, Key=progress)["Body"].read()))
+            if len(rows) == reported:
+                names.append(trial["relative_logdir"])
     return names
 
 
@@ -146,7 +155,7 @@ def test_search_killed_hard_is_resumed_from_the_bucket_and_scored_from_it(tiny_d
     proc = run_main(*overrides(tiny_dataset, storage, *SEARCH), env=fast_state, start_new_session=True)
     try:  # (its own process group above, so that no Ray process outlives the test)
         deadline, done, prefix = time.time() + 240, [], None
-        while time.time() < deadline and not done:  # until the bucket's experiment state records a finished trial
+        while time.time() < deadline and not done:  # until the bucket holds a finished trial, its rows included
             time.sleep(1)
             configs = [k for k in keys(client, "default/") if k.endswith("/base_config.json")]
             if configs:
