@@ -160,16 +160,24 @@ def rss_mb(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
 
 
-def session_dir(driver: int) -> Path | None:
-    """The Ray session folder that a child of process ``driver`` names on its command line (the GCS server's
-    ``--session-dir=``), or None while there is none. Reads ``/proc``: other Ray sessions may run meanwhile."""
+def processes() -> dict[int, tuple[int, list[bytes]]]:
+    """This machine's processes, from ``/proc``: pid -> (parent pid, command-line arguments). A process that ends
+    while the table is read is left out."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
-            args = (stat.parent / "cmdline").read_bytes().split(b"\0") if parent == driver else []
-        except OSError:  # the process ended meanwhile
+            table[int(stat.parent.name)] = (parent, (stat.parent / "cmdline").read_bytes().split(b"\0"))
+        except OSError:
             continue
-        for arg in args:
+    return table
+
+
+def session_dir(driver: int) -> Path | None:
+    """The Ray session folder that a child of process ``driver`` names on its command line (the GCS server's
+    ``--session-dir=``), or None while there is none. Reads ``/proc``: other Ray sessions may run meanwhile."""
+    for parent, args in processes().values():
+        for arg in args if parent == driver else []:
             if arg.startswith(b"--session-dir="):
                 return Path(os.fsdecode(arg.split(b"=", 1)[1]))
     return None

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO_ROOT, TINY_OVERRIDES
 from ray import tune
 
+from bench.many_trials import processes
 from main import run_experiment
 from utils.config import validate, with_overrides
 
@@ -247,16 +248,11 @@ def ray_workers_of(driver: int, actor: str) -> list[int]:
     """Pids of the ``actor`` worker processes of the local Ray that process ``driver`` started: their parent is
     its raylet, whose parent is the driver. Other Ray instances on this machine (another pytest-xdist worker's)
     are left alone."""
-    parents, titles = {}, {}
-    for folder in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):  # ended meanwhile
-            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its ")"
-            parents[int(folder.name)] = int((folder / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            titles[int(folder.name)] = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    table = processes()
     return sorted(
         pid
-        for pid, title in titles.items()
-        if title.startswith(f"ray::{actor}") and parents.get(parents.get(pid, 0)) == driver
+        for pid, (parent, args) in table.items()
+        if args[0].startswith(f"ray::{actor}".encode()) and table.get(parent, (0, []))[0] == driver
     )
 
 
